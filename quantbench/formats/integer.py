@@ -1,0 +1,212 @@
+"""Integer round-to-nearest (RTN): symmetric (absmax) and asymmetric (zero point), 2 to 8 bits,
+per tensor, per output channel, or per group of input columns.
+
+The classic int8 tutorials (absmax and zero-point quantization, Dettmers et al. 2022, section 2)
+are `int:bits=8,sym=true,group=-1` and `int:bits=8,sym=false,group=-1`; GPTQ/AWQ checkpoints use
+`int:bits=4,sym=false,group=128`.
+
+Granularity is the single argument `group`: the number of consecutive input columns that share a
+scale. 0 means the whole row (per output channel), -1 the whole tensor. A group must divide the
+row length: a partial last group is an error, not silent padding (576 = 9 x 64 works with 32 or
+64, not with 128 or 256).
+
+Grid, for `b` bits, stored code c in [0, 2**b - 1]:
+    symmetric:   w ~ (c - 2**(b-1)) * scale,  c in [1, 2**b - 1]   (so +-(2**(b-1) - 1) steps,
+                 the grid is symmetric and 0 is exact; the code 0 is never used)
+    asymmetric:  w ~ (c - zero) * scale,      zero in [0, 2**b - 1] stored per group; the range
+                 always includes 0, so 0 is exact.
+Rounding is `torch.round`: halves to even.
+
+The functions `choose_qparams`, `quantize_codes`, `dequantize_codes` and `pack` are the table
+through which GPTQ and AWQ reach this format: they never pack bits themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+from ..spec import SpecError
+from . import register_format
+from .qtensor import FormatConfig, QTensor
+
+COMMON_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class IntConfig(FormatConfig):
+    name = "int"
+    bits: int = 8
+    sym: bool = True
+    group: int = 0  # 0: per output channel, -1: per tensor, N: N input columns per scale
+    clip_search: bool = False  # search the clipping ratio that minimises the weight's squared error
+    scale_dtype: Literal["float16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise SpecError(f"int: bits={self.bits} is not supported; choose 2 to 8")
+        if self.group < -1:
+            raise SpecError(f"int: group={self.group} is not valid; use -1 (tensor), 0 (channel) or a positive size")
+
+    def group_size(self, in_features: int) -> int:
+        return in_features if self.group <= 0 else self.group
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        super().check_shape(shape)
+        n = shape[1]
+        if self.group > 0 and n % self.group:
+            ok = [g for g in COMMON_GROUPS if n % g == 0]
+            raise SpecError(
+                f"int: group={self.group} does not divide the row length {n}; "
+                f"valid here: {', '.join(map(str, ok + [0, -1]))} (0 = per channel, -1 = per tensor)"
+            )
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        rows, n = shape
+        n_params = 1 if self.group == -1 else rows * (n // self.group_size(n))
+        scale_bits = 16 if self.scale_dtype == "float16" else 32
+        zero_bits = 0 if self.sym else 8
+        packed = rows * -(-n * self.bits // 8) * 8
+        return (packed + n_params * (scale_bits + zero_bits)) / (rows * n)
+
+
+@dataclass(frozen=True, eq=False)
+class IntQTensor(QTensor):
+    codes: torch.Tensor  # (out, ceil(in * bits / 8)) uint8, each row packed on its own
+    scale: torch.Tensor  # (out, n_groups) or (1, 1); float16 or float32
+    zero: torch.Tensor | None = None  # like scale, uint8; None when symmetric
+    g_idx: torch.Tensor | None = None  # (in,) int32 group of each input column; None: contiguous
+
+
+class QParams(NamedTuple):
+    scale: torch.Tensor  # float32, already rounded to the stored dtype
+    zero: torch.Tensor  # float32 integer values; 2**(b-1) everywhere when symmetric
+
+
+def choose_qparams(w: torch.Tensor, cfg: IntConfig, ratio: float | torch.Tensor = 1.0) -> QParams:
+    """Scale and zero for each row of `w` (rows, n) over its last dimension, with the range
+    shrunk by `ratio` (1.0: the full min/max range)."""
+    qmax = 2**cfg.bits - 1
+    if cfg.sym:
+        amax = w.abs().amax(dim=-1, keepdim=True) * ratio  # (rows, 1)
+        scale = amax / (2 ** (cfg.bits - 1) - 1)
+    else:
+        lo = w.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
+        hi = w.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
+        scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
+    scale = scale.to(getattr(torch, cfg.scale_dtype))
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{cfg.spec()}: a scale overflows {cfg.scale_dtype}; use scale_dtype=float32")
+    scale = scale.float()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float16).tiny))
+    if cfg.sym:
+        zero = torch.full_like(scale, 2 ** (cfg.bits - 1))
+    else:
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return QParams(scale, zero)
+
+
+def quantize_codes(w: torch.Tensor, qp: QParams, cfg: IntConfig) -> torch.Tensor:
+    """Codes (as float32 integers) of `w` on the grid of `qp`, which broadcasts against `w`."""
+    lowest = 1 if cfg.sym else 0
+    return torch.clamp(torch.round(w / qp.scale) + qp.zero, lowest, 2**cfg.bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return (codes - qp.zero) * qp.scale
+
+
+def _search_ratio(wg: torch.Tensor, cfg: IntConfig, grid: int = 20, lowest: float = 0.5) -> torch.Tensor:
+    """Per-row clipping ratio in [lowest, 1] that minimises the squared rounding error."""
+    best_err = torch.full(wg.shape[:-1] + (1,), float("inf"), device=wg.device)
+    best = torch.ones_like(best_err)
+    for r in torch.linspace(1.0, lowest, grid).tolist():
+        qp = choose_qparams(wg, cfg, r)
+        err = (dequantize_codes(quantize_codes(wg, qp, cfg), qp) - wg).pow(2).sum(-1, keepdim=True)
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, r), best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes (rows, n) < 2**bits into (rows, ceil(n*bits/8)) uint8, row by row.
+
+    Little-endian bit stream: code i occupies bits [i*bits, (i+1)*bits) of the row, so for 4 bits
+    byte j = codes[2j] | codes[2j+1] << 4.
+    """
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    rows, n = codes.shape
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
+    stream = torch.nn.functional.pad(stream, (0, (-n * bits) % 8)).reshape(rows, -1, 8)
+    weights = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    return (stream << weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: (rows, n) uint8 codes."""
+    if bits == 8:
+        return packed
+    rows = packed.shape[0]
+    weights = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    stream = ((packed.unsqueeze(-1) >> weights) & 1).reshape(rows, -1)[:, : n * bits]
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8)
+    return (stream.reshape(rows, n, bits) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def pack(codes: torch.Tensor, qp: QParams, cfg: IntConfig, dtype: torch.dtype, g_idx: torch.Tensor | None = None) -> IntQTensor:
+    """Store codes (out, in) with their parameters (out, n_groups) as an IntQTensor."""
+    sdt = getattr(torch, cfg.scale_dtype)
+    return IntQTensor(
+        config=cfg,
+        shape=tuple(codes.shape),
+        dtype=dtype,
+        codes=pack_bits(codes, cfg.bits),
+        scale=qp.scale.to(sdt).contiguous(),
+        zero=None if cfg.sym else qp.zero.to(torch.uint8).contiguous(),
+        g_idx=None if g_idx is None else g_idx.to(torch.int32),
+    )
+
+
+def group_view(w: torch.Tensor, cfg: IntConfig) -> torch.Tensor:
+    """(out, in) -> (out, n_groups, group), or (1, 1, out*in) per tensor."""
+    rows, n = w.shape
+    if cfg.group == -1:
+        return w.reshape(1, 1, rows * n)
+    g = cfg.group_size(n)
+    return w.reshape(rows, n // g, g)
+
+
+@register_format
+class IntFormat:
+    config_type = IntConfig
+    qtensor_type = IntQTensor
+    description = "integer round-to-nearest, symmetric or zero-point, per tensor/channel/group"
+
+    @staticmethod
+    def quantize(w: torch.Tensor, cfg: IntConfig) -> IntQTensor:
+        wg = group_view(w, cfg)  # (R, G, g)
+        ratio = _search_ratio(wg, cfg) if cfg.clip_search else 1.0
+        qp = choose_qparams(wg, cfg, ratio)  # (R, G, 1)
+        codes = quantize_codes(wg, qp, cfg).reshape(w.shape)
+        return pack(codes, QParams(qp.scale.squeeze(-1), qp.zero.squeeze(-1)), cfg, w.dtype)
+
+    @staticmethod
+    def dequantize(q: IntQTensor) -> torch.Tensor:
+        cfg: IntConfig = q.config
+        rows, n = q.shape
+        codes = unpack_bits(q.codes, cfg.bits, n).float()  # (out, in)
+        scale = q.scale.float()
+        zero = torch.full_like(scale, 2 ** (cfg.bits - 1)) if q.zero is None else q.zero.float()
+        if q.g_idx is not None:  # act-order GPTQ: column j uses group g_idx[j]
+            gi = q.g_idx.long()
+            return (codes - zero[:, gi]) * scale[:, gi]
+        wg = group_view(codes, cfg)
+        w = (wg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        return w.reshape(rows, n)

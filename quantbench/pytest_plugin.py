@@ -1,0 +1,1 @@
+"""pytest plugin for quantbench benchmarks (registered through the pytest11 entry point)."""
