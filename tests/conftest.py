@@ -43,3 +43,39 @@ def tiny_gpt2(seed: int = 0, vocab: int = 256, hidden: int = 64, layers: int = 2
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request):
     return (tiny_llama if request.param == "llama" else tiny_gpt2)()
+
+
+def _tiny_tokenizer(vocab: int):
+    """A byte-level BPE trained in a second on the embedded prose (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from quantbench.sources import load_text
+
+    text = load_text().text[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
+    """Directories holding a tiny Llama and a tiny GPT-2 with a matching tokenizer, as
+    `quantbench run --model DIR` loads them."""
+    tok = _tiny_tokenizer(512)
+    dirs = {}
+    for arch, make in (("llama", tiny_llama), ("gpt2", tiny_gpt2)):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        make(vocab=len(tok)).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[arch] = str(d)
+    return dirs
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests write their reference logits and variants under a temporary cache, never the user's."""
+    monkeypatch.setenv("QUANTBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "qb-cache"))

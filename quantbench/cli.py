@@ -1,0 +1,207 @@
+"""quantbench run | list | report
+
+    quantbench run                                   # embedded model and text, default methods
+    quantbench run --methods fp32,absmax:bits=8,granularity=channel --json out.json
+    quantbench list
+    quantbench report results/latest.json --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+
+from .spec import SpecError
+
+
+def split_methods(values: list[str]) -> list[str]:
+    """Method specs from one or more --methods values.
+
+    Specs are separated by commas or semicolons; since a spec's own parameters are also
+    separated by commas, a piece of the form key=value (with no ':') continues the spec
+    before it: "fp32,absmax:bits=8,granularity=channel" -> ["fp32", "absmax:bits=8,granularity=channel"].
+    """
+    out: list[str] = []
+    for value in values:
+        for piece in (p.strip() for p in value.replace(";", ",").split(",")):
+            if not piece:
+                continue
+            if "=" in piece and ":" not in piece and out:
+                out[-1] += "," + piece
+            else:
+                out.append(piece)
+    return out
+
+
+def _progress_factory(enabled: bool):
+    from tqdm import tqdm
+
+    bars = []
+
+    def make(desc: str, total: int):
+        if not enabled:
+            return None
+        bar = tqdm(total=total, desc=desc, unit="win", leave=False, file=sys.stderr)
+        bars.append(bar)
+
+        def update(n: int) -> None:
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
+
+    return make
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import report
+    from .run import RunConfig, default_methods, run, save_results
+
+    cfg = RunConfig(
+        model=a.model,
+        text_file=a.text_file,
+        dataset=a.dataset,
+        tokens=a.tokens,
+        context=a.context,
+        protocol=a.protocol,
+        device=a.device,
+        dtype=a.dtype,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        calib_samples=a.calib_samples,
+        calib_len=a.calib_len,
+        measure_speed=not a.no_speed,
+        generate=not a.no_generate,
+    )
+    specs = split_methods(a.methods) if a.methods else default_methods()
+
+    def on_row(row: dict) -> None:
+        print(
+            f"  {row['spec']}: PPL {row['ppl']:.3f} ± {row['ppl_stderr']:.3f}, KLD {row['kld_mean']:.5f}, "
+            f"{row['bits_per_weight']:.2f} bpw",
+            file=sys.stderr,
+        )
+
+    doc = run(cfg, specs, progress=_progress_factory(not a.quiet), on_row=on_row, dump_tokens=a.dump_tokens)
+    out_dir = Path(a.out)
+    json_path = Path(a.json) if a.json else out_dir / f"run-{datetime.now():%Y%m%d-%H%M%S}.json"
+    save_results(doc, json_path)
+    if not a.json:
+        save_results(doc, out_dir / "latest.json")
+    print(report.render(doc))
+    if not a.no_plots:
+        for p in report.plots(doc, out_dir / "plots"):
+            print(f"plot: {p}")
+    print(f"results: {json_path}")
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    from tabulate import tabulate
+
+    from .formats import formats
+    from .methods import methods, missing_requirements
+    from .spec import describe_params
+
+    rows = []
+    for name, m in methods().items():
+        missing = missing_requirements(m)
+        params = ", ".join(f"{n}={d}" for n, _t, d in describe_params(m.config_type)) or "-"
+        rows.append([name, params, "yes" if not missing else f"no: needs {', '.join(missing)}", m.description])
+    print(tabulate(rows, headers=["method", "parameters (defaults)", "available", "what it does"]))
+    print()
+    frows = []
+    for name, f in formats().items():
+        cfg = f.config_type()
+        try:
+            bpw = f"{cfg.bits_per_weight((4096, 4096)):.3f}"
+        except (NotImplementedError, ValueError, SpecError):
+            bpw = "-"
+        frows.append([name, ", ".join(f"{n}: {t}" for n, t, _ in describe_params(f.config_type)), bpw])
+    print(tabulate(frows, headers=["format", "parameters", "bpw at defaults (4096x4096)"]))
+    print()
+    backends = {"bitsandbytes": "bitsandbytes", "llama.cpp": "llama_cpp", "datasets (wikitext2)": "datasets"}
+    print("optional backends: " + ", ".join(
+        f"{k} {'installed' if importlib.util.find_spec(v) else 'missing'}" for k, v in backends.items()
+    ))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from . import report
+    from .results import load
+
+    doc = load(a.results)
+    print(report.render(doc, markdown=a.markdown))
+    if a.generations:
+        print()
+        print(report.generations_table(doc, "github" if a.markdown else "simple"))
+    if a.plots:
+        for p in report.plots(doc, a.plots):
+            print(f"plot: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .run import RunConfig
+
+    d = {f.name: f.default for f in fields(RunConfig)}
+    p = argparse.ArgumentParser(prog="quantbench", description="Benchmark LLM quantization methods on the same tokens.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="quantize with each method and measure every variant against the reference")
+    r.add_argument("--model", default=d["model"], help="smollm2-135m (embedded), a model directory, a .gguf file or a hub id")
+    r.add_argument("--text-file", help="a UTF-8 text file to evaluate on (default: the embedded pydoc text)")
+    r.add_argument("--dataset", choices=["wikitext2"], help="a dataset from the local `datasets` cache")
+    r.add_argument("--methods", action="append", help="method specs, e.g. fp32,absmax:bits=8,granularity=channel")
+    r.add_argument("--tokens", type=int, default=d["tokens"], help="evaluation tokens (a whole number of windows)")
+    r.add_argument("--context", type=int, default=d["context"], help="tokens per window")
+    r.add_argument("--protocol", choices=["disjoint", "llama.cpp"], default=d["protocol"])
+    r.add_argument("--device", default=d["device"], help="cpu or cuda")
+    r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d["dtype"], help="reference precision")
+    r.add_argument("--seed", type=int, default=d["seed"])
+    r.add_argument("--batch-size", type=int, default=d["batch_size"], help="batch size of the batched prefill speed")
+    r.add_argument("--calib-samples", type=int, default=d["calib_samples"])
+    r.add_argument("--calib-len", type=int, default=d["calib_len"])
+    r.add_argument("--json", help="write the results here (default: results/run-TIME.json and results/latest.json)")
+    r.add_argument("--out", default="results", help="directory for results and plots")
+    r.add_argument("--dump-tokens", metavar="PATH", help="write the evaluation windows' token ids as JSON")
+    r.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurements")
+    r.add_argument("--no-generate", action="store_true", help="skip the generated texts")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="methods and formats with their parameters, and which backends are installed")
+    ls.set_defaults(func=cmd_list)
+
+    rep = sub.add_parser("report", help="the table and plots of a saved results file, without recomputing")
+    rep.add_argument("results")
+    rep.add_argument("--markdown", action="store_true")
+    rep.add_argument("--generations", action="store_true", help="also show the generated texts")
+    rep.add_argument("--plots", metavar="DIR", help="write plots to DIR")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .results import ResultsError
+    from .sources.models import SourceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, SourceError, ResultsError) as e:
+        print(f"quantbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""A variant against its reference, window by window, on exactly the same tokens.
+
+The reference's logits at the scored positions are computed once and kept on disk, not in
+memory: the embedded model's vocabulary is 49,152 wide, about 200 KB a token in float32. Each
+variant then runs window by window, and each window's reference logits are read back from the
+file (plain reads, not a memory map, so they do not count in the process's resident set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..variant import Variant
+from .metrics import Quality, TokenScores, score_tokens, summarize
+from .protocols import Protocol
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RefLogits:
+    """Reference logits at the scored positions: (n_windows, scored, vocab) float32 in a file."""
+
+    path: Path
+    n_windows: int
+    scored: int
+    vocab: int
+
+    def window(self, i: int) -> torch.Tensor:
+        count = self.scored * self.vocab
+        with open(self.path, "rb") as f:
+            f.seek(i * count * 4)
+            a = np.fromfile(f, dtype=np.float32, count=count)
+        if a.size != count:
+            raise ValueError(f"{self.path} is truncated: window {i} is incomplete; delete it to rebuild")
+        return torch.from_numpy(a).view(self.scored, self.vocab)
+
+
+def _batches(n: int, size: int):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+def reference_logits(
+    ref: Variant,
+    windows: torch.Tensor,
+    protocol: Protocol,
+    path: Path,
+    key: dict,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> RefLogits:
+    """Compute the reference's scored logits into `path`, or reuse the file if its sidecar JSON
+    records the same `key` (model hash, windows, protocol, dtype, device) and its size is whole."""
+    n, _ = windows.shape
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key and path.stat().st_size == meta["bytes"]:
+            if progress:
+                progress(n)
+            return RefLogits(path, n, meta["scored"], meta["vocab"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fed = protocol.prepare(windows)
+    vocab = 0
+    with open(tmp, "wb") as f:
+        for s, e in _batches(n, batch_size):
+            sel = protocol.select(ref.logits(fed[s:e]))  # (b, scored, V)
+            vocab = sel.shape[-1]
+            f.write(sel.contiguous().cpu().numpy().astype(np.float32, copy=False).tobytes())
+            if progress:
+                progress(e - s)
+    size = tmp.stat().st_size
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    meta = {"key": key, "bytes": size, "scored": protocol.scored_per_window, "vocab": vocab}
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    return RefLogits(path, n, protocol.scored_per_window, vocab)
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    quality: Quality
+    scores: TokenScores
+    eval_seconds: float  # the whole loop
+    forward_seconds: float  # inside the variant's forward only
+
+
+def evaluate_quality(
+    variant: Variant,
+    windows: torch.Tensor,
+    protocol: Protocol,
+    ref: RefLogits,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> QualityRun:
+    """Score `variant` on every window against the stored reference logits."""
+    n = windows.shape[0]
+    if ref.n_windows != n:
+        raise ValueError(f"reference logits hold {ref.n_windows} windows, but {n} were given")
+    fed = protocol.prepare(windows)
+    targets = protocol.targets(windows)  # (n, scored)
+    parts: list[TokenScores] = []
+    forward = 0.0
+    t0 = time.perf_counter()
+    for s, e in _batches(n, batch_size):
+        t = time.perf_counter()
+        logits = variant.logits(fed[s:e])  # (b, C, V)
+        forward += time.perf_counter() - t
+        sel = protocol.select(logits)
+        if sel.shape[-1] != ref.vocab:
+            raise ValueError(
+                f"the variant's vocabulary ({sel.shape[-1]}) differs from the reference's ({ref.vocab}): "
+                "a tokenizer that does not match the model"
+            )
+        for i in range(s, e):
+            r = ref.window(i).to(sel.device)
+            parts.append(score_tokens(r, sel[i - s], targets[i].to(sel.device)))
+        if progress:
+            progress(e - s)
+    scores = TokenScores.cat(parts)
+    return QualityRun(summarize(scores), scores, time.perf_counter() - t0, forward)

@@ -1,0 +1,73 @@
+"""Prefill and greedy-decode speed of a variant, in tokens per second.
+
+Prefill: one forward over a (B, C) batch of windows, the median of `repeats` timed runs after a
+warm-up. Decode: the difference between generating n+1 tokens and 1 token from the same prompt,
+so the prompt's own prefill cancels out; greedy, with the variant's KV cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..variant import Variant
+
+
+@dataclass(frozen=True)
+class Speed:
+    prefill_tokens_per_s: float  # batch size 1
+    prefill_batch_tokens_per_s: float  # batch size `batch_size`
+    decode_tokens_per_s: float
+    batch_size: int
+    context: int
+    decode_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prefill_tokens_per_s(variant: Variant, windows: torch.Tensor, repeats: int = 3) -> float:
+    """(B, C) windows; tokens processed per second in one forward."""
+    return windows.numel() / _timed(lambda: variant.logits(windows), variant.device, repeats)
+
+
+def decode_tokens_per_s(variant: Variant, prompt: torch.Tensor, n: int = 32, repeats: int = 1) -> float:
+    t1 = _timed(lambda: variant.generate(prompt, 1), variant.device, repeats)
+    tn = _timed(lambda: variant.generate(prompt, n + 1), variant.device, repeats)
+    return n / max(tn - t1, 1e-9)
+
+
+def measure_speed(variant: Variant, windows: torch.Tensor, batch_size: int = 4, decode_tokens: int = 32) -> Speed:
+    one = windows[:1]
+    batch = windows[: max(1, batch_size)]
+    if batch.shape[0] < batch_size:  # fewer windows than the batch: repeat them
+        batch = windows[torch.arange(batch_size) % windows.shape[0]]
+    prompt = windows[:1, :16]
+    return Speed(
+        prefill_tokens_per_s=prefill_tokens_per_s(variant, one),
+        prefill_batch_tokens_per_s=prefill_tokens_per_s(variant, batch, repeats=1) if batch_size > 1 else float("nan"),
+        decode_tokens_per_s=decode_tokens_per_s(variant, prompt, decode_tokens),
+        batch_size=batch_size,
+        context=windows.shape[1],
+        decode_tokens=decode_tokens,
+    )

@@ -1,0 +1,102 @@
+"""The evaluation statistics against hand computations on small known logits."""
+
+import math
+
+import pytest
+import torch
+
+from quantbench.eval.metrics import TokenScores, mean_stderr, score_tokens, summarize
+from quantbench.eval.protocols import Protocol
+
+
+def test_identical_distributions_have_zero_kl_and_full_agreement():
+    logits = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 32, (50,))
+    q = summarize(score_tokens(logits, logits.clone(), targets))
+    assert q.kld_mean == 0.0 and q.kld_max == 0.0
+    assert q.top1_agreement == 1.0
+    assert q.ln_ppl_ratio == 0.0 and q.dp_rms == 0.0 and q.logits_mse == 0.0
+    assert q.ppl == pytest.approx(q.ref_ppl)
+
+
+def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
+    v = 37
+    q = summarize(score_tokens(torch.zeros(20, v), torch.zeros(20, v), torch.randint(0, v, (20,))))
+    assert q.ppl == pytest.approx(v, rel=1e-6)  # log_softmax runs in float32
+    assert q.ppl_stderr == pytest.approx(0.0, abs=1e-9)
+
+
+def test_kl_matches_hand_computation_on_two_tokens():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.25, 0.5, 0.25]], dtype=torch.float64)
+    s = score_tokens(p.log(), q.log(), torch.tensor([0, 2]))
+    by_hand = (p * (p / q).log()).sum(-1)
+    assert torch.allclose(s.kld, by_hand, atol=1e-7)
+    assert s.nll.tolist() == pytest.approx([-math.log(0.5), -math.log(0.25)], abs=1e-6)
+    assert s.same_top1.tolist() == [1.0, 0.0]  # argmax of q's second row is 1, of p's is 2
+    assert s.correct_top1.tolist() == [1.0, 0.0]
+    dp = torch.tensor([0.5 - 0.7, 0.25 - 0.5])
+    qq = summarize(s)
+    assert qq.dp_mean == pytest.approx(dp.mean().item(), abs=1e-6)
+    assert qq.dp_rms == pytest.approx(dp.pow(2).mean().sqrt().item(), abs=1e-6)
+    assert qq.ln_ppl_ratio == pytest.approx((s.nll - s.nll_ref).mean().item(), abs=1e-12)
+    # the logits MSE is taken on raw logits: log-probs here
+    assert qq.logits_mse == pytest.approx((q.log() - p.log()).pow(2).mean().item(), rel=1e-5)
+
+
+def test_standard_error_formula_uses_n_minus_one():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    m, se = mean_stderr(x)
+    assert m == 2.5
+    assert se == pytest.approx(math.sqrt(1.25 / 3))  # population variance 1.25, over n - 1
+
+
+def test_perplexity_error_is_delta_method():
+    s = TokenScores(
+        nll_ref=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+        nll=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+        kld=torch.zeros(3, dtype=torch.float64),
+        same_top1=torch.ones(3, dtype=torch.float64),
+        correct_top1=torch.zeros(3, dtype=torch.float64),
+        sq_err=torch.zeros(3, dtype=torch.float64),
+    )
+    q = summarize(s)
+    assert q.ppl == pytest.approx(math.exp(2.0))
+    assert q.ppl_stderr == pytest.approx(math.exp(2.0) * math.sqrt((14 / 3 - 4) / 2))
+
+
+def test_kl_percentiles():
+    kld = torch.arange(101, dtype=torch.float64)
+    z = torch.zeros(101, dtype=torch.float64)
+    q = summarize(TokenScores(z, z, kld, z, z, z))
+    assert (q.kld_median, q.kld_p90, q.kld_p99, q.kld_max) == (50.0, 90.0, 99.0, 100.0)
+
+
+def test_disjoint_protocol_scores_every_predicted_token():
+    p = Protocol("disjoint", 8, None)
+    w = torch.arange(16).view(2, 8)
+    assert p.scored_per_window == 7
+    assert p.targets(w).tolist() == [[1, 2, 3, 4, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+    logits = torch.arange(8).view(1, 8, 1).float()
+    assert p.select(logits).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_llamacpp_protocol_scores_second_half_only():
+    p = Protocol("llama.cpp", 8, None)
+    w = torch.arange(8).view(1, 8)
+    assert p.first == 4 and p.scored_per_window == 3
+    assert p.targets(w).tolist() == [[5, 6, 7]]
+    assert p.select(torch.arange(8).view(1, 8, 1).float()).flatten().tolist() == [4, 5, 6]
+
+
+def test_bos_replaces_first_token_and_is_not_a_target():
+    p = Protocol("disjoint", 4, 99)
+    w = torch.tensor([[5, 6, 7, 8]])
+    assert p.prepare(w).tolist() == [[99, 6, 7, 8]]
+    assert p.targets(w).tolist() == [[6, 7, 8]]
+    assert w.tolist() == [[5, 6, 7, 8]]  # the caller's windows are not changed
+
+
+def test_unknown_protocol_is_a_clear_error():
+    with pytest.raises(ValueError, match="disjoint, llama.cpp"):
+        Protocol("sliding", 8, None)
