@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -79,3 +81,6 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests write their reference logits and variants under a temporary cache, never the user's."""
     monkeypatch.setenv("QUANTBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "qb-cache"))
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network

@@ -125,7 +125,9 @@ def _weights_files(path: Path) -> list[Path]:
 def load_reference(source: str = EMBEDDED_MODEL, dtype: Dtype = "fp32", device: str = "cpu") -> Reference:
     """Load a model as the float reference, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the driver draws its own progress bars
     if dtype not in DTYPES:
         raise SourceError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     dev = torch.device(device)
