@@ -5,4 +5,12 @@ __version__ = "0.1.0"
 
 from .formats import QTensor, dequantize, quantize_tensor  # noqa: E402
 
-__all__ = ["QTensor", "__version__", "dequantize", "quantize_tensor"]
+
+def load_quantized(path, device="cpu"):
+    """Load a model saved by `quantbench quantize` (see quantbench.artifacts)."""
+    from .artifacts import load_quantized as _load
+
+    return _load(path, device)
+
+
+__all__ = ["QTensor", "__version__", "dequantize", "load_quantized", "quantize_tensor"]

@@ -1,4 +1,4 @@
-"""quantbench run | list | report
+"""quantbench run | list | report | quantize
 
     quantbench run                                   # embedded model and text, default methods
     quantbench run --methods fp32,absmax:bits=8,granularity=channel --json out.json
@@ -149,6 +149,22 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .artifacts import save_quantized
+    from .methods import parse_method
+    from .run import RunConfig, Session
+
+    spec = parse_method(a.method)
+    cfg = RunConfig(model=a.model, text_file=a.text_file, dtype=a.dtype, device=a.device, tokens=a.context,
+                    context=a.context, seed=a.seed, calib_samples=a.calib_samples if spec.method.needs_calibration else 0,
+                    calib_len=a.calib_len, measure_speed=False, generate=False)
+    session = Session(cfg, reference_logits=False)
+    variant, seconds = session.build(spec)
+    out = save_quantized(variant, session.ref.tokenizer, a.out, session.ref.info.to_dict(), str(spec))
+    print(f"{spec}: quantized in {seconds:.1f} s, {variant.weight_bytes() / 1e6:.1f} MB of weights -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .run import RunConfig
 
@@ -179,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
+    qz = sub.add_parser("quantize", help="quantize a model with one method and save it to a directory")
+    qz.add_argument("--model", default=d["model"])
+    qz.add_argument("--method", required=True, help="a method spec, e.g. int:bits=4,group=64")
+    qz.add_argument("--out", required=True, help="output directory (load it with quantbench.load_quantized)")
+    qz.add_argument("--text-file", help="calibration text for calibrated methods (default: the embedded text)")
+    qz.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d["dtype"])
+    qz.add_argument("--device", default=d["device"])
+    qz.add_argument("--seed", type=int, default=d["seed"])
+    qz.add_argument("--context", type=int, default=d["context"])
+    qz.add_argument("--calib-samples", type=int, default=d["calib_samples"])
+    qz.add_argument("--calib-len", type=int, default=d["calib_len"])
+    qz.set_defaults(func=cmd_quantize)
+
     ls = sub.add_parser("list", help="methods and formats with their parameters, and which backends are installed")
     ls.set_defaults(func=cmd_list)
 
@@ -192,13 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .artifacts import ArtifactError
     from .results import ResultsError
     from .sources.models import SourceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, SourceError, ResultsError) as e:
+    except (SpecError, SourceError, ResultsError, ArtifactError) as e:
         print(f"quantbench: error: {e}", file=sys.stderr)
         return 2
 

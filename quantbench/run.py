@@ -91,11 +91,12 @@ def _key(obj) -> str:
 class Session:
     cfg: RunConfig
     progress: Callable[[str, int], Callable[[int], None] | None] = lambda desc, total: None
+    reference_logits: bool = True  # False: only sources and calibration (for `quantbench quantize`)
     ref: Reference = field(init=False)
     windows: torch.Tensor = field(init=False)  # (n, C)
     calib: Calibration | None = field(init=False)
     protocol: Protocol = field(init=False)
-    ref_logits: RefLogits = field(init=False)
+    ref_logits: RefLogits | None = field(init=False, default=None)
     doc: dict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,18 @@ class Session:
         add_bos = cfg.bos if cfg.bos is not None else bool(getattr(self.ref.tokenizer, "add_bos_token", False))
         bos = self.ref.tokenizer.bos_token_id if add_bos else None
         self.protocol = Protocol(cfg.protocol, cfg.context, bos)  # type: ignore[arg-type]
+        self.doc = R.new_results(
+            device=str(self.ref.device),
+            dtype=cfg.dtype,
+            model=self.ref.info.to_dict(),
+            text={**text.to_dict(), "n_tokens": len(stream)},
+            split=split.to_dict(),
+            protocol=self.protocol.to_dict(),
+            run=dataclasses.asdict(cfg),
+            notes=notes_for(self.ref),
+        )
+        if not self.reference_logits:
+            return
         key = {
             "model": self.ref.info.weights_sha256,
             "dtype": cfg.dtype,
@@ -128,16 +141,6 @@ class Session:
         ref_variant = TorchVariant("reference", self.ref.model)
         self.ref_logits = reference_logits(
             ref_variant, self.windows, self.protocol, path, key, progress=self.progress("reference", len(self.windows))
-        )
-        self.doc = R.new_results(
-            device=str(self.ref.device),
-            dtype=cfg.dtype,
-            model=self.ref.info.to_dict(),
-            text={**text.to_dict(), "n_tokens": len(stream)},
-            split=split.to_dict(),
-            protocol=self.protocol.to_dict(),
-            run=dataclasses.asdict(cfg),
-            notes=notes_for(self.ref),
         )
 
     def build(self, spec: MethodSpec) -> tuple[Variant, float]:
