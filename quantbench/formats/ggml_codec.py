@@ -11,7 +11,7 @@ Rounding, stated once, because byte-exactness depends on it:
     low mantissa bits, so it rounds halves to EVEN (like `torch.round`), and for |v| > 4194303,
     inf or NaN it returns the same garbage integer ggml does. Where a value is provably within
     range, the k-quant searches call `torch.round` instead (identical there, and cheaper).
-  * `roundf(v)` is C's `roundf`: halves away from zero (Q8_0 uses it).
+  * `roundf_(v)` is C's `roundf`: halves away from zero (Q8_0 uses it).
   * `(int)(v + 0.5f)` / `(int8_t)(v + 8.5f)` in the legacy quantizers truncate toward zero.
 All arithmetic is float32 in the order the C code writes it; libggml-base is built without FMA
 contraction, so every product and sum is rounded on its own, as torch does it eagerly.
@@ -33,7 +33,7 @@ class BlockCodec:
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
-    chunk_blocks: ClassVar[int] = 1 << 15  # blocks per call: bounds the memory of the searches
+    chunk_blocks: ClassVar[int] = 1 << 13  # blocks per call: bounds memory, keeps intermediates in cache
     f16_fields: ClassVar[slice]  # the bytes of the fp16 scales (d, and dmin or m) in a block
 
     @staticmethod
@@ -69,6 +69,26 @@ def fdiv(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return a / b
 
 
+def signed_absmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |x|, the signed x there) along `dim` (kept), the first on ties, +0 when all are zero:
+    ggml's scan `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`.
+
+    Computed from amin and amax, because argmax over short rows is ten times slower: the row
+    maximum wins when it is larger in magnitude, the minimum when it is; only when both +a and
+    -a occur does the first index decide, and only then is argmax run.
+    """
+    hi, lo = x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True)
+    pos = hi >= -lo
+    amax = torch.where(pos, hi, -lo)
+    mx = torch.where(pos, hi, lo)
+    mx = torch.where(mx == 0, torch.zeros_like(mx), mx)  # all zero: the scan keeps its initial +0
+    tie = (hi == -lo) & (hi != 0)
+    if bool(tie.any()):
+        first = x.gather(dim, x.abs().argmax(dim=dim, keepdim=True))
+        mx = torch.where(tie, first, mx)
+    return amax, mx
+
+
 # -- rounding -------------------------------------------------------------------------------
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
@@ -76,11 +96,13 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     return ((v + 12582912.0).view(torch.int32) & 0x007FFFFF) - 0x00400000
 
 
-def roundf(v: torch.Tensor) -> torch.Tensor:
-    """C `roundf`: round half away from zero (`torch.round` would round halves to even)."""
-    r = torch.round(v)
-    half = (v - torch.trunc(v)).abs() == 0.5  # exact: v - trunc(v) has no rounding error
-    return torch.where(half, torch.trunc(v) + torch.sign(v), r)
+def roundf_(v: torch.Tensor) -> torch.Tensor:
+    """C `roundf` (halves away from zero), in place: trunc(v) + trunc(2 * (v - trunc(v))).
+
+    v - trunc(v) and its double are exact, so this is exact; `trunc(v + 0.5)` would not be
+    (0.49999997 + 0.5 rounds up to 1), and `torch.round` rounds halves to even."""
+    t = torch.trunc(v)
+    return v.sub_(t).mul_(2).trunc_().add_(t)
 
 
 # -- bytes ----------------------------------------------------------------------------------

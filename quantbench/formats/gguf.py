@@ -118,7 +118,7 @@ class GGUFFormat:
                 f"{cfg.spec()}: a block scale overflows fp16 (largest |w| = {w.abs().max().item():.4g}); "
                 "GGUF stores block scales as fp16 and cannot hold weights this large"
             )
-        return GGUFQTensor(config=cfg, shape=(rows, n), dtype=w.dtype, blocks=blocks.reshape(rows, -1))
+        return GGUFQTensor(config=cfg, shape=(rows, n), dtype=w.dtype, blocks=blocks.reshape(rows, n // codec.block_size * codec.type_size))
 
     @staticmethod
     def dequantize(q: GGUFQTensor) -> torch.Tensor:

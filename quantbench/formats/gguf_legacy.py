@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, or_fields, register_codec, roundf, split_fields, unbits_le
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf_, signed_absmax, split_fields, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -33,13 +33,20 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
 
 
-def _truncate(v: torch.Tensor, d: torch.Tensor, top: int) -> torch.Tensor:
-    """C's `MIN(top, (int8_t)v)` for v >= 0, as uint8 codes. Where 1/d overflowed (a block of
-    denormal-small weights) v is inf or NaN, and C's float-to-int conversion yields 0 (x86's
-    "integer indefinite" 0x80000000, whose low byte is 0); gguf-py's numpy cast does the same."""
-    q = torch.trunc(v).clamp_(0, top).to(torch.uint8)
-    overflow = torch.isinf(_inverse(d))  # (n, 1)
-    return torch.where(overflow, torch.zeros_like(q), q) if bool(overflow.any()) else q
+def _codes(x: torch.Tensor, offset: torch.Tensor | None, inv: torch.Tensor, add: float, top: int) -> torch.Tensor:
+    """C's `MIN(top, (int8_t)((x - offset) * inv + add))` for values >= 0, as uint8 codes.
+
+    The float-to-uint8 conversion truncates toward zero, as C's cast does. Where 1/d overflowed
+    (a block of denormal-small weights) the value is inf or NaN and C's conversion yields 0
+    (x86's "integer indefinite" 0x80000000 has a zero low byte); gguf-py's numpy cast agrees.
+    """
+    v = x * inv if offset is None else (x - offset).mul_(inv)
+    overflow = torch.isinf(inv)  # (n, 1)
+    if bool(overflow.any()):
+        v = torch.where(overflow, torch.zeros_like(v), v.add_(add))
+    else:
+        v.add_(add)
+    return v.to(torch.int8).clamp_(max=top).view(torch.uint8)  # codes <= 16 or 32 fit int8
 
 
 def _first_zero_sign(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,25 +63,31 @@ def _first_zero_sign(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes in [0, 2**bits) and the scale d for Q4_0/Q5_0: x (n, 32) -> (n, 32) uint8, (n, 1)."""
     half = 2 ** (bits - 1)
-    ax = x.abs()
-    imax = ax.argmax(dim=-1, keepdim=True)  # the first index of the largest |x|, as ggml's scan
-    mx = x.gather(-1, imax)
-    mx = torch.where(ax.gather(-1, imax) == 0, torch.zeros_like(mx), mx)  # all zero: ggml keeps +0
-    d = fdiv(mx, -half)  # (n, 1)
-    return _truncate(x * _inverse(d) + (half + 0.5), d, 2**bits - 1), d
+    d = fdiv(signed_absmax(x, -1)[1], -half)  # (n, 1): the largest |x| maps to code 0
+    return _codes(x, None, _inverse(d), half + 0.5, 2**bits - 1), d
 
 
 def _affine_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scale and minimum for Q4_1/Q5_1: (n, 32) uint8, (n, 1), (n, 1)."""
-    lo = _first_zero_sign(x, x.amin(dim=-1, keepdim=True))
+    lo = _first_zero_sign(x, x.amin(dim=-1, keepdim=True))  # amin and amax: aminmax is slower
     hi = _first_zero_sign(x, x.amax(dim=-1, keepdim=True))
     d = fdiv(hi - lo, 2**bits - 1)
-    return _truncate((x - lo) * _inverse(d) + 0.5, d, 2**bits - 1), d, lo
+    return _codes(x, lo, _inverse(d), 0.5, 2**bits - 1), d, lo
+
+
+def _pack(parts: list[torch.Tensor], type_size: int) -> torch.Tensor:
+    """Concatenate the fields of a block along the last dim into a preallocated (n, type_size)."""
+    out = torch.empty((parts[0].shape[0], type_size), dtype=torch.uint8, device=parts[0].device)
+    i = 0
+    for p in parts:
+        out[:, i : i + p.shape[1]] = p
+        i += p.shape[1]
+    return out
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) codes -> (n, 16) bytes: q[j] in the low nibble, q[j + 16] in the high one."""
-    return or_fields((q & 0xF).reshape(-1, 2, 16), 4)
+    """(n, 32) codes < 16 -> (n, 16) bytes: q[j] in the low nibble, q[j + 16] in the high one."""
+    return q[:, 16:] << 4 | q[:, :16]
 
 
 def _unnibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -87,6 +100,8 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     return bits_le(q >> 4)
 
 
+# Legacy codecs work on chunks of 8192 blocks (256K weights, 1 MB of float32): the intermediates
+# stay in cache, and each torch call still has enough work to hide its overhead.
 @register_codec(T.Q8_0)
 class Q8_0(BlockCodec):
     f16_fields = slice(0, 2)
@@ -94,11 +109,11 @@ class Q8_0(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
         d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)  # (n, 1)
-        q = roundf(x * _inverse(d))
-        if bool(torch.isinf(_inverse(d)).any()):  # denormal-small block: inf/NaN codes, 0 in C
+        inv = _inverse(d)
+        q = roundf_(x * inv)
+        if bool(torch.isinf(inv).any()):  # denormal-small block: inf/NaN codes, 0 in C
             q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
-        q = q.to(torch.int8).view(torch.uint8)
-        return torch.cat([f16_bytes(d), q], dim=-1)
+        return _pack([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], 34)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -112,7 +127,7 @@ class Q4_0(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 4)
-        return torch.cat([f16_bytes(d), _nibbles(q)], dim=-1)
+        return _pack([f16_bytes(d), _nibbles(q)], 18)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -126,7 +141,7 @@ class Q4_1(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 4)
-        return torch.cat([f16_bytes(d), f16_bytes(m), _nibbles(q)], dim=-1)
+        return _pack([f16_bytes(d), f16_bytes(m), _nibbles(q)], 20)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -140,7 +155,7 @@ class Q5_0(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 5)
-        return torch.cat([f16_bytes(d), _fifth_bits(q), _nibbles(q)], dim=-1)
+        return _pack([f16_bytes(d), _fifth_bits(q), _nibbles(q & 0xF)], 22)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -155,7 +170,7 @@ class Q5_1(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 5)
-        return torch.cat([f16_bytes(d), f16_bytes(m), _fifth_bits(q), _nibbles(q)], dim=-1)
+        return _pack([f16_bytes(d), f16_bytes(m), _fifth_bits(q), _nibbles(q & 0xF)], 24)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ def _qkx_superblock(x: torch.Tensor, sub: int, scale_bits: int, nmax: int, weigh
 
 @register_codec(T.Q2_K)
 class Q2_K(BlockCodec):
-    chunk_blocks = 1 << 11
+    chunk_blocks = 1 << 10
     f16_fields = slice(80, 84)
 
     @staticmethod
@@ -193,7 +193,7 @@ class Q5_K(BlockCodec):
 
 @register_codec(T.Q3_K)
 class Q3_K(BlockCodec):
-    chunk_blocks = 1 << 12
+    chunk_blocks = 1 << 13
     f16_fields = slice(108, 110)
 
     @staticmethod
@@ -228,7 +228,7 @@ class Q3_K(BlockCodec):
 
 @register_codec(T.Q6_K)
 class Q6_K(BlockCodec):
-    chunk_blocks = 1 << 11
+    chunk_blocks = 1 << 8
     f16_fields = slice(208, 210)
 
     @staticmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ggml_codec import fdiv, nearest_int
+from .ggml_codec import fdiv, nearest_int, signed_absmax
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a sub-block whose largest |x| is below this is all zero
 
@@ -31,9 +31,8 @@ def seq_sum(t: torch.Tensor) -> torch.Tensor:
 
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(|x| max, the signed x there) over dim 0, the first on ties, as ggml's `if (ax > amax)` scan."""
-    ax = x.abs()
-    i = ax.argmax(dim=0, keepdim=True)
-    return ax.gather(0, i)[0], x.gather(0, i)[0]
+    amax, mx = signed_absmax(x, 0)
+    return amax[0], mx[0]
 
 
 def _f32(values) -> np.ndarray:
@@ -61,15 +60,18 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     L = torch.round(iscale * x[:, None]).clamp_(-nmax, nmax - 1)  # (n, C, S)
     sumlx = seq_sum(wx[:, None] * L)  # (C, S)
     suml2 = seq_sum(w[:, None] * L * L)
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
+    positive = suml2 > 0
+    ratio = sumlx / suml2  # each candidate's least-squares scale, and its gain below
+    gain = ratio * sumlx
+    square = sumlx * sumlx
+    best = torch.where(suml2[0] != 0, gain[0], torch.zeros_like(gain[0]))
     choice = torch.zeros_like(mx, dtype=torch.long)
     for c in range(1, len(steps)):  # sequential: ggml compares each candidate with the best so far
-        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        s = sumlx[c] / suml2[c]
-        scale = torch.where(take, s, scale)
-        best = torch.where(take, s * sumlx[c], best)
+        take = positive[c] & (square[c] > best * suml2[c])
+        best = torch.where(take, gain[c], best)
         choice = torch.where(take, c, choice)
+    scale = ratio.gather(0, choice[None])[0]
+    scale = torch.where((choice == 0) & (suml2[0] == 0), torch.zeros_like(scale), scale)
     L = L.gather(1, choice.expand(L.shape[0], 1, -1))[:, 0] + nmax  # (n, S)
     return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
 
@@ -91,24 +93,26 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     wx = w * x
     sumlx = seq_sum(wx * L)
     suml2 = seq_sum(w * L * L)
+    active = torch.arange(x.shape[1], device=x.device)  # sub-blocks still changing
     for _ in range(5):
-        changed = torch.zeros_like(zero)
+        # a sub-block whose sweep changed nothing would repeat itself: ggml stops it, so do we
+        xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
+        sx, s2 = sumlx[active], suml2[active]
+        changed = torch.zeros_like(sx, dtype=torch.bool)
         for i in range(x.shape[0]):
-            slx = sumlx - wx[i] * L[i]
-            sl2 = suml2 - w[i] * L[i] * L[i]
-            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).float()
-            new_slx = slx + wx[i] * new_l
-            new_sl2 = sl2 + w[i] * new_l * new_l
-            take = (
-                (slx > 0) & (new_l != L[i]) & (new_sl2 > 0)
-                & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
-            )
-            slx, sl2 = new_slx, new_sl2
-            L[i] = torch.where(take, new_l, L[i])
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
+            slx = sx - wxa[i] * La[i]
+            sl2 = s2 - wa[i] * La[i] * La[i]
+            new_l = nearest_int(xa[i] * sl2 / slx).clamp_(-nmax, nmax - 1).float()
+            new_slx = slx + wxa[i] * new_l
+            new_sl2 = sl2 + wa[i] * new_l * new_l
+            take = (slx > 0) & (new_l != La[i]) & (new_sl2 > 0) & (new_slx * new_slx * s2 > sx * sx * new_sl2)
+            La[i] = torch.where(take, new_l, La[i])
+            sx = torch.where(take, new_slx, sx)
+            s2 = torch.where(take, new_sl2, s2)
             changed |= take
-        if not bool(changed.any()):
+        L[:, active], sumlx[active], suml2[active] = La, sx, s2
+        active = active[changed]
+        if active.numel() == 0:
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
     return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
@@ -134,22 +138,27 @@ def make_qkx2_quants(
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
 
-    def round_codes(factor: float, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse_scale(factor: float, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         iscale = fdiv(factor, mx - mn)  # (S,), inf where max - min is tiny
         # ggml's nearest_int of inf * x (or NaN) is 0 after the clamp, as rounding 0 * x is
-        finite = torch.where(torch.isinf(iscale), torch.zeros_like(iscale), iscale)
-        return torch.round(finite * (x - mn)).clamp_(0, nmax), iscale
+        return torch.where(torch.isinf(iscale), torch.zeros_like(iscale), iscale), iscale
+
+    def round_codes(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        return torch.round((x - mn).mul_(iscale)).clamp_(0, nmax)
 
     def error(scale: torch.Tensor, mn: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        diff = scale * L + mn - x
-        return seq_sum(w * (diff.abs() if use_mad else diff * diff))
+        diff = (scale * L).add_(mn).sub_(x)
+        return seq_sum(w * (diff.abs_() if use_mad else diff.mul_(diff)))
 
-    L, iscale = round_codes(float(nmax), mn)
-    scale = fdiv(1.0, iscale)
-    best = error(scale, mn, L)
+    # the codes of the best candidate are rebuilt at the end from its inverse scale and min
+    used_iscale, raw = inverse_scale(float(nmax), mn)
+    used_mn = mn
+    scale = fdiv(1.0, raw)
+    best = error(scale, mn, round_codes(used_iscale, mn))
     stacked = torch.empty((x.shape[0], 3) + x.shape[1:], dtype=x.dtype, device=x.device)  # (n, 3, S)
     for f in _f32(rmin) + _f32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + _f32(nmax):
-        Lc, _ = round_codes(float(f), mn)
+        iscale, _ = inverse_scale(float(f), mn)
+        Lc = round_codes(iscale, mn)
         wl = torch.mul(w, Lc, out=stacked[:, 0])
         torch.mul(wl, Lc, out=stacked[:, 1])
         torch.mul(wl, x, out=stacked[:, 2])
@@ -164,7 +173,9 @@ def make_qkx2_quants(
         take = (D > 0) & (cur < best)
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
+        used_iscale = torch.where(take, iscale, used_iscale)
+        used_mn = torch.where(take, mn, used_mn)
         mn = torch.where(take, this_min, mn)
-        L = torch.where(take, Lc, L)
+    L = round_codes(used_iscale, used_mn)
     zeros = torch.zeros_like(scale)
     return torch.where(flat, torch.zeros_like(L), L), torch.where(flat, zeros, scale), -mn
