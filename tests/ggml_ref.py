@@ -1,4 +1,5 @@
-"""libggml, the byte-exact reference for every ggml type, through ctypes.
+"""llama.cpp as a reference, through llama-cpp-python: libggml's quantizers and the type choices
+of its whole-model quantizer.
 
 llama-cpp-python ships libggml; `ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row,
 imatrix)` with imatrix=NULL runs llama.cpp's reference quantizers (`quantize_row_*_ref`), the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,47 @@ def quantize_chunk(w: np.ndarray, ggml_type: int) -> np.ndarray:
     written = lib.ggml_quantize_chunk(int(ggml_type), src.ctypes.data, dst.ctypes.data, 0, rows, n, None)
     assert written == dst.nbytes, (written, dst.nbytes)
     return dst
+
+
+_LLAMA_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+_DRY_RUN_LINE = re.compile(
+    r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+- \[(?P<ne>[^\]]*)\], type =\s*(?P<cur>\S+), size =[^\n]*?(?:\((?P<new>\S+)\))?\n"
+)
+
+
+def llama_quantize_types(path: str | Path, mixture: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """What llama.cpp's quantizer would make of a GGUF file: {name: (shape, type)}.
+
+    Runs `llama_model_quantize` with `dry_run` (types are chosen, nothing is written) and reads
+    its log, which prints every tensor with its ne and, when the type changes, the new one.
+    Shapes are returned in nn.Linear orientation (ne reversed, trailing ones of ne dropped).
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode(errors="replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[mixture])
+    params.allow_requantize = True
+    params.dry_run = True
+    params.nthread = 1
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(path).encode(), b"unused-dry-run.gguf", ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(llama_cpp.llama_log_callback(), ctypes.c_void_p(0))  # NULL: back to stderr
+    text = "".join(lines)
+    assert rc == 0, text[-2000:]
+    out = {}
+    for m in _DRY_RUN_LINE.finditer(text):
+        ne = [int(v) for v in m["ne"].split(",")]
+        while len(ne) > 1 and ne[-1] == 1:
+            ne.pop()
+        out[m["name"]] = (tuple(reversed(ne)), (m["new"] or m["cur"]).upper())
+    return out
