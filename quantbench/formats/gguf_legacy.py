@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf_, signed_absmax, split_fields, unbits_le
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, split_fields, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -75,19 +75,10 @@ def _affine_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     return _codes(x, lo, _inverse(d), 0.5, 2**bits - 1), d, lo
 
 
-def _pack(parts: list[torch.Tensor], type_size: int) -> torch.Tensor:
-    """Concatenate the fields of a block along the last dim into a preallocated (n, type_size)."""
-    out = torch.empty((parts[0].shape[0], type_size), dtype=torch.uint8, device=parts[0].device)
-    i = 0
-    for p in parts:
-        out[:, i : i + p.shape[1]] = p
-        i += p.shape[1]
-    return out
-
-
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) codes < 16 -> (n, 16) bytes: q[j] in the low nibble, q[j + 16] in the high one."""
-    return q[:, 16:] << 4 | q[:, :16]
+def _nibbles(q: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 32) uint8 codes < 16 -> out (n, 16): q[j] in the low nibble, q[j + 16] in the high one.
+    One uint8 add (lo + 16 * hi, the fields are disjoint) instead of a shift and an or."""
+    torch.add(q[:, :16], q[:, 16:], alpha=16, out=out)
 
 
 def _unnibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -100,20 +91,21 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     return bits_le(q >> 4)
 
 
-# Legacy codecs work on chunks of 8192 blocks (256K weights, 1 MB of float32): the intermediates
-# stay in cache, and each torch call still has enough work to hide its overhead.
+# The legacy codecs write each field straight into its bytes of `out` (n, type_size).
 @register_codec(T.Q8_0)
 class Q8_0(BlockCodec):
     f16_fields = slice(0, 2)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)  # (n, 1)
         inv = _inverse(d)
-        q = roundf_(x * inv)
+        q = roundf(x * inv)
         if bool(torch.isinf(inv).any()):  # denormal-small block: inf/NaN codes, 0 in C
             q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
-        return _pack([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], 34)
+        out[:, :2] = f16_bytes(d)
+        out[:, 2:].view(torch.int8).copy_(q)  # integral values in [-127, 127]
+        return out
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -125,9 +117,11 @@ class Q4_0(BlockCodec):
     f16_fields = slice(0, 2)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 4)
-        return _pack([f16_bytes(d), _nibbles(q)], 18)
+        out[:, :2] = f16_bytes(d)
+        _nibbles(q, out[:, 2:])
+        return out
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -139,9 +133,11 @@ class Q4_1(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 4)
-        return _pack([f16_bytes(d), f16_bytes(m), _nibbles(q)], 20)
+        out[:, :2], out[:, 2:4] = f16_bytes(d), f16_bytes(m)
+        _nibbles(q, out[:, 4:])
+        return out
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -153,9 +149,11 @@ class Q5_0(BlockCodec):
     f16_fields = slice(0, 2)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 5)
-        return _pack([f16_bytes(d), _fifth_bits(q), _nibbles(q & 0xF)], 22)
+        out[:, :2], out[:, 2:6] = f16_bytes(d), _fifth_bits(q)
+        _nibbles(q & 0xF, out[:, 6:])
+        return out
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -168,9 +166,11 @@ class Q5_1(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 5)
-        return _pack([f16_bytes(d), f16_bytes(m), _fifth_bits(q), _nibbles(q & 0xF)], 24)
+        out[:, :2], out[:, 2:4], out[:, 4:8] = f16_bytes(d), f16_bytes(m), _fifth_bits(q)
+        _nibbles(q & 0xF, out[:, 8:])
+        return out
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

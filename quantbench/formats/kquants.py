@@ -118,11 +118,11 @@ class Q2_K(BlockCodec):
     f16_fields = slice(80, 84)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         search = dict(rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
         L, sc, mn, d, dmin = _qkx_superblock(x, 16, 4, 3, torch.abs, search)
         # ggml stores the min code with `scales[j] |= l << 4` into a byte: only its low 4 bits fit
-        return torch.cat([sc | (mn << 4), _two_bit_fields(L), d, dmin], dim=1)
+        return torch.cat([sc | (mn << 4), _two_bit_fields(L), d, dmin], dim=1, out=out)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -165,9 +165,9 @@ class Q4_K(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         head, _, low = _k4_quantize(x, 15, dict(rmin=-1.0, rdelta=0.1, nstep=20, use_mad=False))
-        return torch.cat([head, low], dim=1)
+        return torch.cat([head, low], dim=1, out=out)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -180,10 +180,10 @@ class Q5_K(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         head, L, low = _k4_quantize(x, 31, dict(rmin=-0.5, rdelta=0.1, nstep=15, use_mad=False))
         qh = or_fields((L >> 4).reshape(-1, 8, 32), 1)
-        return torch.cat([head, qh, low], dim=1)
+        return torch.cat([head, qh, low], dim=1, out=out)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ class Q3_K(BlockCodec):
     f16_fields = slice(108, 110)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         L, scales = make_q3_quants(_element_major(x, 16), 4)
         _, max_scale = first_absmax(scales.reshape(B, 16).T)
@@ -211,7 +211,7 @@ class Q3_K(BlockCodec):
         L = L.reshape(B, 256).to(torch.uint8)
         hmask = or_fields((L >> 2).reshape(B, 8, 32), 1)
         packed_s = torch.cat([(s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4, or_fields((s >> 4).reshape(B, 4, 4), 2)], 1)
-        return torch.cat([hmask, _two_bit_fields(L & 3), packed_s, d_bytes], dim=1)
+        return torch.cat([hmask, _two_bit_fields(L & 3), packed_s, d_bytes], dim=1, out=out)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -228,11 +228,11 @@ class Q3_K(BlockCodec):
 
 @register_codec(T.Q6_K)
 class Q6_K(BlockCodec):
-    chunk_blocks = 1 << 8
+    chunk_blocks = 1 << 10
     f16_fields = slice(208, 210)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         scales = scales.reshape(B, 16)
@@ -246,8 +246,8 @@ class Q6_K(BlockCodec):
         L = L.reshape(B, 2, 4, 32).to(torch.uint8)
         ql = or_fields((L & 0xF).reshape(B, 2, 2, 2, 32), 4, dim=-3).reshape(B, 128)
         qh = or_fields(L >> 4, 2).reshape(B, 64)
-        out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1)
-        return torch.where(blank[:, None], torch.zeros_like(out), out)
+        torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1, out=out)
+        return out.masked_fill_(blank[:, None], 0)
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

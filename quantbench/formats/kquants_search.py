@@ -44,7 +44,10 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
     Symmetric grid l in [-nmax, nmax - 1], weights w = x**2. Start from the scale that maps the
     largest |x| to -nmax, then try 18 nearby inverse scales -(nmax + 0.1 * is) / max, is = -9..9,
-    keeping a candidate when it raises sum(w x l)**2 / sum(w l**2) (the least-squares gain).
+    keeping a candidate when it raises sum(w x l)**2 / sum(w l**2) (the least-squares gain) over
+    the best so far. ggml compares each candidate with the best before it (a rounded,
+    not quite transitive comparison), so the candidates run in order, each on all sub-blocks,
+    and the winner's codes are rebuilt at the end.
     x (n, S) -> codes L + nmax (n, S) float32, scale (S,).
     """
     amax, mx = first_absmax(x)
@@ -55,24 +58,27 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     # is = 0 is ggml's first try; the other 18 follow in ggml's order
     steps = _f32([0] + [i for i in range(-9, 10) if i != 0])
     factors = torch.from_numpy(-(_f32(nmax) + _f32(0.1) * steps)).to(x.device)  # (C,)
-    factors[0] = -float(nmax)
-    iscale = factors[:, None] / mx  # (C, S)
-    L = torch.round(iscale * x[:, None]).clamp_(-nmax, nmax - 1)  # (n, C, S)
-    sumlx = seq_sum(wx[:, None] * L)  # (C, S)
-    suml2 = seq_sum(w[:, None] * L * L)
-    positive = suml2 > 0
-    ratio = sumlx / suml2  # each candidate's least-squares scale, and its gain below
-    gain = ratio * sumlx
-    square = sumlx * sumlx
-    best = torch.where(suml2[0] != 0, gain[0], torch.zeros_like(gain[0]))
+
+    def codes(iscale: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * iscale).clamp_(-nmax, nmax - 1)  # (n, S)
+
+    sums = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=x.dtype, device=x.device)  # (n, 2, S)
     choice = torch.zeros_like(mx, dtype=torch.long)
-    for c in range(1, len(steps)):  # sequential: ggml compares each candidate with the best so far
-        take = positive[c] & (square[c] > best * suml2[c])
-        best = torch.where(take, gain[c], best)
+    for c in range(len(steps)):
+        L = codes(fdiv(factors[c].expand_as(mx), mx))
+        torch.mul(wx, L, out=sums[:, 0])
+        torch.mul(w, L, out=sums[:, 1]).mul_(L)
+        sumlx, suml2 = seq_sum(sums)
+        ratio = sumlx / suml2
+        if c == 0:
+            scale = torch.where(suml2 != 0, ratio, torch.zeros_like(ratio))
+            best = scale * sumlx
+            continue
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(take, ratio, scale)
+        best = torch.where(take, ratio * sumlx, best)
         choice = torch.where(take, c, choice)
-    scale = ratio.gather(0, choice[None])[0]
-    scale = torch.where((choice == 0) & (suml2[0] == 0), torch.zeros_like(scale), scale)
-    L = L.gather(1, choice.expand(L.shape[0], 1, -1))[:, 0] + nmax  # (n, S)
+    L = codes(fdiv(factors[choice], mx)) + nmax
     return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
 
 
