@@ -74,6 +74,7 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 # Registration happens on import; keep this list in the order `quantbench list` shows formats.
 from . import integer  # noqa: E402,F401
+from . import gguf  # noqa: E402,F401
 
 __all__ = [
     "Format",

@@ -1,0 +1,84 @@
+"""Quantization throughput of the gguf format on a 4096 x 4096 fp32 matrix, against its references
+in the same run: libggml's `ggml_quantize_chunk` on one thread (every type) and gguf-py's
+`gguf.quants.quantize` (the legacy types; it has no k-quant quantizer).
+
+Issue 3's bars: legacy types >= 1.0x libggml single-threaded, k-quants >= 2x. Ours runs with one
+torch thread too, so both sides get one core; throughput, ratios and thread counts go into
+`benchmark.extra_info`. Run: python -m pytest benchmarks/test_quantize_speed_gguf.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import ggml_ref  # noqa: E402
+
+from quantbench import quantize_tensor  # noqa: E402
+
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TARGET = {**{t: 1.0 for t in LEGACY}, **{t: 2.0 for t in KQUANTS}}
+ROUNDS = {**{t: 5 for t in LEGACY}, **{t: 2 for t in KQUANTS}}
+
+
+@pytest.fixture(scope="module")
+def matrix() -> torch.Tensor:
+    return torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def best_time(fn, rounds: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+@pytest.mark.parametrize("t", LEGACY + KQUANTS)
+def test_quantize_speed(benchmark, matrix, t):
+    ggml_ref.require_ggml()
+    w = matrix.numpy()
+    qtype = gguf.GGMLQuantizationType[t]
+    ours = quantize_tensor(matrix, f"gguf:{t}").blocks.numpy()
+    assert np.array_equal(ours, ggml_ref.quantize_chunk(w, qtype)), "not byte-identical: the timing would mean nothing"
+
+    rounds = ROUNDS[t]
+    t_ggml = best_time(lambda: ggml_ref.quantize_chunk(w, qtype), rounds)
+    t_py = best_time(lambda: gguf.quants.quantize(w, qtype), rounds) if t in LEGACY else None
+    benchmark.pedantic(quantize_tensor, args=(matrix, f"gguf:{t}"), rounds=rounds, iterations=1, warmup_rounds=1)
+    t_ours = benchmark.stats.stats.min
+
+    n = matrix.numel() / 1e6
+    ratio = t_ggml / t_ours
+    benchmark.extra_info.update(
+        type=t,
+        torch_threads=torch.get_num_threads(),
+        ours_Melem_per_s=round(n / t_ours, 1),
+        libggml_1thread_Melem_per_s=round(n / t_ggml, 1),
+        ratio_vs_libggml=round(ratio, 3),
+        target_vs_libggml=TARGET[t],
+    )
+    if t_py is not None:
+        benchmark.extra_info.update(gguf_py_Melem_per_s=round(n / t_py, 1), ratio_vs_gguf_py=round(t_py / t_ours, 3))
+    assert ratio >= TARGET[t], (
+        f"gguf:{t}: {n / t_ours:.1f} M weights/s vs libggml single-threaded {n / t_ggml:.1f} M/s "
+        f"= {ratio:.2f}x, below the issue's target of {TARGET[t]}x"
+    )

@@ -1,0 +1,178 @@
+"""ggml's first block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, 32 weights per block.
+
+Byte-identical to gguf-py's `gguf.quants.quantize` (which is itself bit-exact with llama.cpp's
+`quantize_row_q*_ref` in ggml-quants.c) and, on the way back, to `gguf.quants.dequantize`.
+One scale per block, stored as fp16; the `_1` types add an fp16 minimum (an offset):
+
+    Q8_0  (34 B)  | d f16 | qs int8[32] |                               w = d * q
+    Q4_0  (18 B)  | d f16 | qs[16] |                                    w = d * (q - 8)
+    Q4_1  (20 B)  | d f16 | m f16 | qs[16] |                            w = d * q + m
+    Q5_0  (22 B)  | d f16 | qh[4] | qs[16] |                            w = d * (q - 16)
+    Q5_1  (24 B)  | d f16 | m f16 | qh[4] | qs[16] |                    w = d * q + m
+
+    qs[j], j < 16:  bits 0-3 = low nibble of q[j], bits 4-7 = low nibble of q[j + 16]
+    qh (uint32 LE): bit j = bit 4 of q[j]            (the fifth bit of the 5-bit types)
+
+Choice of scale: the symmetric types divide by the signed value of largest magnitude (the first
+one, on ties), so that value maps exactly to the lowest code: d = max / -8 (Q4_0), max / -16
+(Q5_0); Q8_0 uses amax / 127. The `_1` types spread [min, max] over 2**bits - 1 steps.
+Rounding: Q8_0 rounds halves away from zero (C `roundf`); Q4_x/Q5_x add 0.5 (8.5, 16.5 with the
+offset) and truncate, which is the same for the non-negative values they round.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, split_fields, unbits_le
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, or 0 where d is 0 (an all-zero block), as `id = d ? 1.0f/d : 0.0f` in ggml."""
+    return torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
+
+
+def _codes(x: torch.Tensor, offset: torch.Tensor | None, inv: torch.Tensor, add: float, top: int) -> torch.Tensor:
+    """C's `MIN(top, (int8_t)((x - offset) * inv + add))` for values >= 0, as uint8 codes.
+
+    The float-to-uint8 conversion truncates toward zero, as C's cast does. Where 1/d overflowed
+    (a block of denormal-small weights) the value is inf or NaN and C's conversion yields 0
+    (x86's "integer indefinite" 0x80000000 has a zero low byte); gguf-py's numpy cast agrees.
+    """
+    v = x * inv if offset is None else (x - offset).mul_(inv)
+    overflow = torch.isinf(inv)  # (n, 1)
+    if bool(overflow.any()):
+        v = torch.where(overflow, torch.zeros_like(v), v.add_(add))
+    else:
+        v.add_(add)
+    return v.to(torch.int8).clamp_(max=top).view(torch.uint8)  # codes <= 16 or 32 fit int8
+
+
+def _first_zero_sign(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ggml scans a block with `if (x < min) min = x`: when the extreme v (n, 1) is a zero, it is
+    the block's first zero, with that zero's sign. torch's amin/amax may return either zero."""
+    z = (v == 0)[:, 0]
+    if not bool(z.any()):
+        return v
+    rows = x[z]
+    first = (rows == 0).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return torch.where(z[:, None], torch.zeros_like(v), v).index_put((z,), rows.gather(-1, first))
+
+
+def _symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in [0, 2**bits) and the scale d for Q4_0/Q5_0: x (n, 32) -> (n, 32) uint8, (n, 1)."""
+    half = 2 ** (bits - 1)
+    d = fdiv(signed_absmax(x, -1)[1], -half)  # (n, 1): the largest |x| maps to code 0
+    return _codes(x, None, _inverse(d), half + 0.5, 2**bits - 1), d
+
+
+def _affine_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and minimum for Q4_1/Q5_1: (n, 32) uint8, (n, 1), (n, 1)."""
+    lo = _first_zero_sign(x, x.amin(dim=-1, keepdim=True))  # amin and amax: aminmax is slower
+    hi = _first_zero_sign(x, x.amax(dim=-1, keepdim=True))
+    d = fdiv(hi - lo, 2**bits - 1)
+    return _codes(x, lo, _inverse(d), 0.5, 2**bits - 1), d, lo
+
+
+def _nibbles(q: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 32) uint8 codes < 16 -> out (n, 16): q[j] in the low nibble, q[j + 16] in the high one.
+    One uint8 add (lo + 16 * hi, the fields are disjoint) instead of a shift and an or."""
+    torch.add(q[:, :16], q[:, 16:], alpha=16, out=out)
+
+
+def _unnibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) bytes -> (n, 32) codes, the inverse of `_nibbles`."""
+    return split_fields(qs, 2, 4).reshape(-1, 32)
+
+
+def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit codes -> (n, 4) bytes: the uint32 `qh` whose bit j is bit 4 of q[j]."""
+    return bits_le(q >> 4)
+
+
+# The legacy codecs write each field straight into its bytes of `out` (n, type_size).
+@register_codec(T.Q8_0)
+class Q8_0(BlockCodec):
+    f16_fields = slice(0, 2)
+
+    @staticmethod
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)  # (n, 1)
+        inv = _inverse(d)
+        q = roundf(x * inv)
+        if bool(torch.isinf(inv).any()):  # denormal-small block: inf/NaN codes, 0 in C
+            q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+        out[:, :2] = f16_bytes(d)
+        out[:, 2:].view(torch.int8).copy_(q)  # integral values in [-127, 127]
+        return out
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        return b[:, 2:].contiguous().view(torch.int8).float() * f16_value(b[:, :2])
+
+
+@register_codec(T.Q4_0)
+class Q4_0(BlockCodec):
+    f16_fields = slice(0, 2)
+
+    @staticmethod
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        q, d = _symmetric_codes(x, 4)
+        out[:, :2] = f16_bytes(d)
+        _nibbles(q, out[:, 2:])
+        return out
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        return f16_value(b[:, :2]) * (_unnibbles(b[:, 2:]).float() - 8)
+
+
+@register_codec(T.Q4_1)
+class Q4_1(BlockCodec):
+    f16_fields = slice(0, 4)
+
+    @staticmethod
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        q, d, m = _affine_codes(x, 4)
+        out[:, :2], out[:, 2:4] = f16_bytes(d), f16_bytes(m)
+        _nibbles(q, out[:, 4:])
+        return out
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        return f16_value(b[:, :2]) * _unnibbles(b[:, 4:]).float() + f16_value(b[:, 2:4])
+
+
+@register_codec(T.Q5_0)
+class Q5_0(BlockCodec):
+    f16_fields = slice(0, 2)
+
+    @staticmethod
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        q, d = _symmetric_codes(x, 5)
+        out[:, :2], out[:, 2:6] = f16_bytes(d), _fifth_bits(q)
+        _nibbles(q & 0xF, out[:, 6:])
+        return out
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        q = _unnibbles(b[:, 6:]) | (unbits_le(b[:, 2:6]) << 4)
+        return f16_value(b[:, :2]) * (q.float() - 16)
+
+
+@register_codec(T.Q5_1)
+class Q5_1(BlockCodec):
+    f16_fields = slice(0, 4)
+
+    @staticmethod
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        q, d, m = _affine_codes(x, 5)
+        out[:, :2], out[:, 2:4], out[:, 4:8] = f16_bytes(d), f16_bytes(m), _fifth_bits(q)
+        _nibbles(q & 0xF, out[:, 8:])
+        return out
+
+    @staticmethod
+    def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
+        q = _unnibbles(b[:, 8:]) | (unbits_le(b[:, 4:8]) << 4)
+        return f16_value(b[:, :2]) * q.float() + f16_value(b[:, 2:4])

@@ -1,0 +1,406 @@
+"""The gguf format: golden tests against gguf-py and libggml, properties, errors, persistence.
+
+References: gguf-py's `gguf.quants.quantize`/`dequantize` (legacy types; dequantization of all),
+libggml's `ggml_quantize_chunk` without an importance matrix (every type; through ctypes in
+`tests/ggml_ref.py`, skipped with the reason when llama-cpp-python is absent).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import ggml_ref
+from quantbench import QTensor, quantize_tensor
+from quantbench.formats.ggml_codec import bits_le, or_fields, split_fields, unbits_le
+from quantbench.formats.gguf import GGUF_TYPES, GGUFConfig, GGUFQTensor, types_for_width
+from quantbench.spec import SpecError
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The block codecs run many small torch ops; on a small shared machine two intra-op
+    threads mostly wait for each other, so these tests use one (and restore the setting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+T = gguf.GGMLQuantizationType
+
+
+def ours(w: np.ndarray, t: str) -> np.ndarray:
+    return quantize_tensor(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), f"gguf:{t}").blocks.numpy()
+
+
+def ours_dequantized(blocks: np.ndarray, t: str) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[T[t]]
+    rows, nbytes = blocks.shape
+    q = GGUFQTensor.from_blocks(torch.from_numpy(blocks.copy()), t, (rows, nbytes // size * block))
+    return q.dequantize().numpy()
+
+
+def differing_blocks(a: np.ndarray, b: np.ndarray, t: str) -> int:
+    size = gguf.GGML_QUANT_SIZES[T[t]][1]
+    return int((a.reshape(-1, size) != b.reshape(-1, size)).any(axis=1).sum())
+
+
+def _cases() -> dict[str, np.ndarray]:
+    """(8, 512) float32 inputs: two super-blocks per row, 16 blocks of 32."""
+    rng = np.random.default_rng(20240)
+    shape = (8, 512)
+    grid = rng.integers(-8, 8, shape) * 0.25
+    grid[:, :32] = np.arange(32) - 15.5  # exact halves for every rounding rule
+    grid[:, 32:64] = np.tile([2.0, -2.0], 16)  # +a and -a tie for the largest magnitude
+    blocks = rng.standard_normal(shape)
+    blocks[0] = 0.0  # all-zero blocks
+    blocks[1] = 0.75  # constant positive
+    blocks[2] = -3.0  # constant negative
+    blocks[3, :32] = 0.0  # one zero block in a live super-block
+    blocks[4, 16:32] = 1e-20  # a sub-block far below the others
+    return {
+        "normal": rng.standard_normal(shape),
+        "normal_small": rng.standard_normal(shape) * 1e-3,
+        "uniform_pos": rng.uniform(0, 1, shape),
+        "uniform_neg": -rng.uniform(0, 1, shape),
+        "heavy_tail": rng.standard_cauchy(shape),
+        "grid_ties": grid,
+        "zero_const": blocks,
+        "sparse": rng.standard_normal(shape) * (rng.random(shape) < 0.05),
+        "tiny": rng.standard_normal(shape) * 1e-30,
+        "denormal": rng.standard_normal(shape) * 1e-40,
+        "huge": rng.standard_normal(shape) * 1e4,  # up to ~5e4: every fp16 scale and minimum fits
+    }
+
+
+CASES = {k: v.astype(np.float32) for k, v in _cases().items()}
+
+
+# -- golden: gguf-py and libggml -------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "sparse"])
+@pytest.mark.parametrize("t", LEGACY)
+def test_legacy_matches_gguf_py(t, case):
+    w = CASES[case]
+    with np.errstate(all="ignore"):  # gguf-py warns on the denormal blocks' inf inverse scale
+        ref = gguf.quants.quantize(w, T[t])
+    assert differing_blocks(ours(w, t), ref, t) == 0
+
+
+def test_legacy_negative_zero_follows_ggml_not_numpy():
+    """A block holding -0.0 where its min or max is zero: gguf-py's numpy min/argmax may pick
+    the other zero than ggml's scan, so the two references differ in a zero scale's sign bit;
+    we follow ggml (the first zero of the block)."""
+    lib = ggml_ref.require_ggml()  # noqa: F841
+    w = CASES["sparse"]
+    assert np.signbit(w[w == 0]).any()
+    for t in LEGACY:
+        assert differing_blocks(ours(w, t), ggml_ref.quantize_chunk(w, T[t]), t) == 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_matches_libggml(t, case):
+    ggml_ref.require_ggml()
+    w = CASES[case]
+    assert differing_blocks(ours(w, t), ggml_ref.quantize_chunk(w, T[t]), t) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_matches_libggml_larger_random(t, seed):
+    ggml_ref.require_ggml()
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((64, 1024)) * rng.lognormal(0, 2, (64, 1))).astype(np.float32)
+    assert differing_blocks(ours(w, t), ggml_ref.quantize_chunk(w, T[t]), t) == 0
+
+
+@pytest.mark.parametrize("case", ["normal", "grid_ties", "zero_const", "heavy_tail", "denormal", "huge"])
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_dequantize_matches_gguf_py(t, case):
+    blocks = ours(CASES[case], t)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(blocks, T[t])
+    np.testing.assert_array_equal(ours_dequantized(blocks, t), ref)
+
+
+@pytest.fixture(scope="module")
+def embedded_tensors():
+    """A few tensors of the embedded model, read with gguf-py: {name: (ggml type, blocks)}."""
+    from quantbench.sources.models import embedded_gguf_path
+
+    reader = gguf.GGUFReader(embedded_gguf_path())
+    wanted = {"blk.0.ffn_down.weight", "blk.7.ffn_down.weight", "blk.0.attn_k.weight", "token_embd.weight"}
+    out = {}
+    for t in reader.tensors:
+        if t.name in wanted:
+            data = np.array(t.data[:512] if t.name == "token_embd.weight" else t.data)
+            out[t.name] = (t.tensor_type, data)
+    return out
+
+
+@pytest.mark.slow  # gguf-py's reader parses the whole file's metadata: ~13 s
+def test_dequantize_embedded_model_blocks(embedded_tensors):
+    """The model file's own Q4_1 and Q8_0 blocks dequantize exactly as gguf-py does."""
+    for name, (qtype, blocks) in embedded_tensors.items():
+        np.testing.assert_array_equal(ours_dequantized(blocks, qtype.name), gguf.quants.dequantize(blocks, qtype), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_real_weights_match_references(t, embedded_tensors):
+    """Real weights (the embedded model's, dequantized): byte-identical to libggml and, for the
+    legacy types, to gguf-py. ffn_down rows have 1536 weights; attn_k and token_embd rows 576,
+    which only the 32-weight types accept."""
+    for name, (qtype, blocks) in embedded_tensors.items():
+        w = gguf.quants.dequantize(blocks, qtype)
+        if t not in types_for_width(w.shape[1]):
+            continue
+        got = ours(w, t)
+        if t in LEGACY:
+            assert differing_blocks(got, gguf.quants.quantize(w, T[t]), t) == 0, name
+        if ggml_ref.available():
+            assert differing_blocks(got, ggml_ref.quantize_chunk(w, T[t]), t) == 0, name
+
+
+# -- the QTensor: what it stores, a GGUF file, persistence, devices ----------------------------
+
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_blocks_are_the_gguf_bytes(t, tmp_path):
+    """`q.blocks` goes into a GGUF file as it is and comes back identical."""
+    w = CASES["normal"]
+    q = quantize_tensor(torch.from_numpy(w), f"gguf:{t}")
+    block, size = gguf.GGML_QUANT_SIZES[T[t]]
+    assert q.ggml_type == T[t] and q.blocks.dtype == torch.uint8
+    assert tuple(q.blocks.shape) == (w.shape[0], w.shape[1] // block * size)
+    assert q.nbytes == q.blocks.numel() and q.bits_per_weight == pytest.approx(8 * size / block)
+    assert q.config.bits_per_weight() == q.bits_per_weight
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", q.blocks.numpy(), raw_dtype=q.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tensor,) = gguf.GGUFReader(path).tensors
+    assert tensor.tensor_type == T[t] and list(tensor.shape) == [w.shape[1], w.shape[0]]
+    np.testing.assert_array_equal(np.asarray(tensor.data), q.blocks.numpy())
+    np.testing.assert_array_equal(gguf.quants.dequantize(np.asarray(tensor.data), T[t]), q.dequantize().numpy())
+
+
+@pytest.mark.parametrize("t", GGUF_TYPES)
+def test_save_load_bit_equal(t, tmp_path):
+    q = quantize_tensor(torch.from_numpy(CASES["heavy_tail"]), f"gguf:{t}")
+    q.save(tmp_path / "q.safetensors")
+    back = QTensor.load(tmp_path / "q.safetensors")
+    assert isinstance(back, GGUFQTensor) and back.equal(q) and back.config == q.config
+    assert torch.equal(back.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q5_1", "Q3_K", "Q6_K"])
+def test_device(t, device):
+    """The same bytes on every device (CUDA runs where available)."""
+    w = torch.from_numpy(CASES["normal"])
+    q = quantize_tensor(w.to(device), f"gguf:{t}")
+    assert q.blocks.device.type == device.type
+    assert torch.equal(q.blocks.cpu(), quantize_tensor(w, f"gguf:{t}").blocks)
+    assert torch.equal(q.dequantize().cpu(), quantize_tensor(w, f"gguf:{t}").dequantize())
+
+
+def test_from_blocks_checks_shape():
+    with pytest.raises(ValueError, match="expected uint8 blocks of shape"):
+        GGUFQTensor.from_blocks(torch.zeros(4, 17, dtype=torch.uint8), "Q4_0", (4, 32))
+
+
+# -- specs and errors -----------------------------------------------------------------------
+
+def test_spec_forms():
+    assert GGUFConfig(type="Q4_K").spec() == "gguf:Q4_K"
+    q = quantize_tensor(torch.randn(2, 256), "gguf:q4_k")  # case-insensitive, bare value fills `type`
+    assert q.config == GGUFConfig(type="Q4_K") and q.config.spec() == "gguf:Q4_K"
+    assert quantize_tensor(torch.randn(2, 256), "gguf:type=Q6_K").ggml_type == T.Q6_K
+
+
+@pytest.mark.parametrize("spec", ["gguf:Q9_K", "gguf:IQ4_XS", "gguf:F16"])
+def test_unknown_type_lists_valid_types(spec):
+    with pytest.raises(SpecError, match="choose one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"):
+        quantize_tensor(torch.randn(2, 256), spec)
+    with pytest.raises(SpecError, match="needs parameter"):
+        quantize_tensor(torch.randn(2, 256), "gguf")
+
+
+def test_row_width_not_a_multiple_of_the_block():
+    """576 = 18 x 32 is not a multiple of 256: the k-quants refuse it and say what fits."""
+    with pytest.raises(SpecError, match=r"576 is not a multiple of the Q4_K block \(256 weights\); "
+                       r"types that fit this width: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"):
+        quantize_tensor(torch.randn(4, 576), "gguf:Q4_K")
+    with pytest.raises(SpecError, match="types that fit this width: none"):
+        quantize_tensor(torch.randn(4, 100), "gguf:Q8_0")
+    assert types_for_width(576) == list(LEGACY) and types_for_width(1536) == list(GGUF_TYPES)
+
+
+def test_bad_inputs():
+    with pytest.raises(SpecError, match="expected a 2-D weight"):
+        quantize_tensor(torch.randn(256), "gguf:Q8_0")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(4, 256)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="1 NaN or Inf"):
+            quantize_tensor(w, "gguf:Q4_K")
+    with pytest.raises(ValueError, match="overflows fp16"):
+        quantize_tensor(torch.randn(4, 256) * 1e9, "gguf:Q8_0")
+
+
+def test_beyond_the_fp16_range():
+    """|w| ~ 1e6: Q8_0's scale amax / 127 still fits fp16 and matches both references; Q4_1 would
+    store the minimum itself in fp16 (max 65504), so it is refused rather than written as inf."""
+    w = (np.random.default_rng(5).standard_normal((4, 256)) * 1e6).astype(np.float32)
+    got = ours(w, "Q8_0")
+    assert differing_blocks(got, gguf.quants.quantize(w, T.Q8_0), "Q8_0") == 0
+    if ggml_ref.available():
+        assert differing_blocks(got, ggml_ref.quantize_chunk(w, T.Q8_0), "Q8_0") == 0
+    with pytest.raises(ValueError, match="gguf:Q4_1: a block scale overflows fp16"):
+        ours(w, "Q4_1")
+
+
+# -- properties -----------------------------------------------------------------------------
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)  # x 50 stays in fp16 range
+scales = st.sampled_from([1.0, 1e-3, 1e-6, 50.0])
+
+
+def weights(width: int):
+    return st.tuples(arrays(np.float32, st.tuples(st.integers(1, 3), st.just(width)), elements=finite), scales)
+
+
+def _legacy_fields(blocks: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fp16 scale d and minimum m (0 for the symmetric types) of each block."""
+    size = gguf.GGML_QUANT_SIZES[T[t]][1]
+    b = blocks.reshape(-1, size)
+    d = b[:, :2].copy().view(np.float16).astype(np.float64)
+    m = b[:, 2:4].copy().view(np.float16).astype(np.float64) if t in ("Q4_1", "Q5_1") else np.zeros_like(d)
+    return d, m
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=weights(64), t=st.sampled_from(LEGACY))
+def test_legacy_error_bound(data, t):
+    """Each weight is within half a step of its value (a full step on the clipped side of the
+    symmetric types, whose largest magnitude maps to -8 or -16 and the opposite end to +7 or +15),
+    plus what storing d and m in fp16 costs: 2**-11 relative, or 2**-25 absolute in fp16's
+    subnormal range, times the largest code."""
+    w, scale = data
+    w = (w * scale).astype(np.float32)
+    blocks = ours(w, t)
+    d, m = _legacy_fields(blocks, t)
+    err = np.abs(ours_dequantized(blocks, t).astype(np.float64) - w).reshape(-1, 32)
+    step = np.abs(d)
+    qmax = {"Q8_0": 127, "Q4_0": 8, "Q4_1": 15, "Q5_0": 16, "Q5_1": 31}[t]
+    halfsteps = 2.0 if t in ("Q4_0", "Q5_0") else 1.0
+    fp16 = 2.0**-24  # at least twice fp16's rounding error, relative (x 2**-13) or subnormal
+    bound = 0.5 * halfsteps * (step + fp16) + qmax * (step * 2.0**-10 + fp16) + np.abs(m) * 2.0**-10 + fp16
+    assert (err <= bound).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=weights(64), t=st.sampled_from(LEGACY))
+def test_legacy_idempotent(data, t):
+    """quantize(dequantize(q)) == q for the legacy types: the dequantized block's extremes give
+    back the same fp16 scale, and every value sits on a code. (The k-quants do not promise this:
+    their scale search re-fits scales and minimums to the dequantized weights.) Two exceptions,
+    both invisible in the values: a block whose fp16 scale underflowed to 0 keeps meaningless
+    codes, which come back as 0; and a minimum of -0.0 comes back as +0.0 (so the input here
+    holds no negative zeros)."""
+    w, scale = data
+    w = (w * scale).astype(np.float32) + np.float32(0.0)  # -0.0 + 0.0 = +0.0
+    q = quantize_tensor(torch.from_numpy(w), f"gguf:{t}")
+    again = quantize_tensor(q.dequantize(), f"gguf:{t}")
+    assert torch.equal(again.dequantize(), q.dequantize())
+    d, _ = _legacy_fields(q.blocks.numpy(), t)
+    live = torch.from_numpy(d[:, 0] != 0)
+    size = q.blocks.shape[1] // (w.shape[1] // 32)
+    assert torch.equal(again.blocks.reshape(-1, size)[live], q.blocks.reshape(-1, size)[live])
+
+
+# The code fields of each k-quant, and the byte that sets every code in them to 1 (the other
+# fields 0): with codes all 0 and all 1, dequantization gives each weight's grid origin and step.
+K_CODE_FIELDS = {
+    "Q2_K": ([(16, 80, 0x55)], 3),
+    "Q3_K": ([(0, 32, 0x00), (32, 96, 0x55)], 7),
+    "Q4_K": ([(16, 144, 0x11)], 15),
+    "Q5_K": ([(16, 48, 0x00), (48, 176, 0x11)], 31),
+    "Q6_K": ([(0, 128, 0x11), (128, 192, 0x00)], 63),
+}
+
+
+def _grid(blocks: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray]:
+    fields, _ = K_CODE_FIELDS[t]
+    zero, one = blocks.copy(), blocks.copy()
+    for lo, hi, byte in fields:
+        zero[:, lo:hi] = 0
+        one[:, lo:hi] = byte
+    v0 = ours_dequantized(zero, t).astype(np.float64)
+    return v0, ours_dequantized(one, t).astype(np.float64) - v0
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=weights(256), t=st.sampled_from(KQUANTS))
+def test_kquant_weights_take_their_nearest_grid_value(data, t):
+    """After the scale search, every k-quant weight is rounded to the nearest value of its
+    sub-block's stored grid origin + l * step, l = 0..nmax (ggml's final `nearest_int` pass):
+    the error is never more than the distance to the nearest grid value, up to float rounding."""
+    w, scale = data
+    w = (w * scale).astype(np.float32)
+    blocks = ours(w, t)
+    origin, step = _grid(blocks, t)
+    levels = np.arange(K_CODE_FIELDS[t][1] + 1)
+    grid = origin[..., None] + step[..., None] * levels  # (rows, n, levels)
+    nearest = np.abs(grid - w[..., None]).min(axis=-1)
+    err = np.abs(ours_dequantized(blocks, t) - w)
+    tol = 1e-5 * np.abs(grid).max(axis=-1) + 1e-30
+    assert (err <= nearest + tol).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=weights(256), t=st.sampled_from(["Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K"]))
+def test_zero_stays_zero_in_symmetric_types(data, t):
+    """The types without a minimum have 0 on their grid: a zero weight dequantizes to 0 exactly."""
+    w, scale = data
+    w = (w * scale).astype(np.float32)
+    w[:, ::3] = 0
+    out = ours_dequantized(ours(w, t), t)
+    assert (out[:, ::3] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=weights(256), t=st.sampled_from(GGUF_TYPES))
+def test_order_preserved_within_a_sub_block(data, t):
+    """One scale (and min) per sub-block and monotone rounding: if x_i <= x_j then x^_i <= x^_j."""
+    w, scale = data
+    w = (w * scale).astype(np.float32)
+    sub = 32 if t in LEGACY or t in ("Q4_K", "Q5_K") else 16
+    out = ours_dequantized(ours(w, t), t).reshape(-1, sub)
+    order = np.argsort(w.reshape(-1, sub), axis=1, kind="stable")
+    assert (np.diff(np.take_along_axis(out, order, axis=1), axis=1) >= 0).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(codes=arrays(np.uint8, st.tuples(st.integers(1, 4), st.sampled_from([1, 2, 4, 8]), st.integers(1, 40)),
+                    elements=st.integers(0, 255)), width=st.sampled_from([1, 2, 4]))
+def test_bit_fields_round_trip(codes, width):
+    """The packing helpers: fields of `width` bits OR-ed into bytes come back out unchanged."""
+    count = 8 // width
+    fields = torch.from_numpy(codes[:, :1].repeat(count, axis=1) & ((1 << width) - 1))  # (r, count, m)
+    packed = or_fields(fields, width, dim=-2)
+    assert torch.equal(split_fields(packed, count, width), fields)
+    bits = torch.from_numpy(codes.reshape(codes.shape[0], -1)[:, : (codes[0].size // 8) * 8] & 1)
+    if bits.shape[1]:
+        assert torch.equal(unbits_le(bits_le(bits)), bits)
