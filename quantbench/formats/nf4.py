@@ -167,7 +167,9 @@ def _quantize_4bit(flat: torch.Tensor, block: int, tables) -> tuple[torch.Tensor
     for i in range(0, full, chunk):
         x = flat[i : min(i + chunk, full)].view(-1, block)  # (b, block)
         am = torch.linalg.vector_norm(x, float("inf"), dim=1)  # (b,) exact max |x|
-        scaled = x * (1.0 / am.clamp(min=1e-38)).unsqueeze(1)  # bnb multiplies by the reciprocal
+        # bnb multiplies by the reciprocal, then clamps to [-1, 1]; no clamp is needed here:
+        # |x * (1 / absmax)| <= 1 + 2**-23, whose top 16 bits are those of +-1.0.
+        scaled = x * (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
         codes[i : i + x.numel()] = _encode(scaled, tables)
         absmax.append(am)
     if full < n:  # the partial last block: bnb floors its absmax and divides by it
