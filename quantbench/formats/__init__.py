@@ -74,7 +74,7 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 
 # Registration happens on import; keep this list in the order `quantbench list` shows formats.
-from . import integer, nf4  # noqa: E402,F401
+from . import integer, llm_int8, nf4  # noqa: E402,F401
 
 __all__ = [
     "Format",
