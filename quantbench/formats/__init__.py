@@ -10,6 +10,7 @@ No module state, no models: methods and model plumbing live in higher layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar, Protocol
 
 import torch
@@ -65,7 +66,7 @@ def quantize_tensor(w: torch.Tensor, spec: str | FormatConfig) -> QTensor:
     ``"int:bits=4,group=128,sym=false"``, ``"nf4:block=64,double_quant=true"`` or ``"gguf:Q4_K"``."""
     cfg = parse_format_spec(spec) if isinstance(spec, str) else spec
     fmt = get_format(cfg.name)
-    return fmt.quantize(check_weight(w, cfg), cfg)
+    return dataclasses.replace(fmt.quantize(check_weight(w, cfg), cfg), dtype=w.dtype)  # formats see float32
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
@@ -73,8 +74,7 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 
 # Registration happens on import; keep this list in the order `quantbench list` shows formats.
-from . import integer  # noqa: E402,F401
-from . import gguf  # noqa: E402,F401
+from . import integer, nf4, llm_int8, gguf  # noqa: E402,F401
 
 __all__ = [
     "Format",

@@ -17,6 +17,18 @@ Grid, for `b` bits, stored code c in [0, 2**b - 1]:
                  always includes 0, so 0 is exact.
 Rounding is `torch.round`: halves to even.
 
+Scales: the scale is rounded to nearest in its stored precision (float16: 11 significant bits;
+float32: 24 - bits of them, so that every dequantized value (c - zero) * scale is exact in
+float32), and never goes below the smallest normal number of its dtype (a group smaller than
+that, or all zero, is stored on that finest grid). Two consequences, both tested:
+  * quantize(dequantize(q)) == q bit for bit: the dequantized group spans exactly the same grid,
+    so the same scale and zero come back.
+  * |w - dequantized| <= scale / 2 for every element, except, in an asymmetric group, the
+    element at the top of the range, which exceeds it by at most ((max - min) / scale - qmax)
+    steps: a rounded scale may not stretch the grid over the whole range, and then the scale is
+    stepped down until the top code is reached (which also breaks exact ties, where rounding
+    half to even would leave the top code unused).
+
 The functions `choose_qparams`, `quantize_codes`, `dequantize_codes` and `pack` are the table
 through which GPTQ and AWQ reach this format: they never pack bits themselves.
 """
@@ -85,27 +97,48 @@ class QParams(NamedTuple):
     zero: torch.Tensor  # float32 integer values; 2**(b-1) everywhere when symmetric
 
 
+def scale_bits(cfg: IntConfig) -> int:
+    """Significant bits a scale keeps: float16 holds 11; with float32, 24 - bits, so that the
+    product of a code difference (< 2**bits) and the scale is exact in float32."""
+    return 11 if cfg.scale_dtype == "float16" else 24 - cfg.bits
+
+
+def round_scale(x: torch.Tensor, cfg: IntConfig, down: int | torch.Tensor = 0) -> torch.Tensor:
+    """x >= 0 rounded to nearest with `scale_bits` significant bits, then `down` steps of that
+    precision lower, never below the smallest normal number of the scale dtype. float32 values
+    that the scale dtype holds exactly (overflow is left for the caller to report)."""
+    finfo = torch.finfo(getattr(torch, cfg.scale_dtype))
+    m = scale_bits(cfg)
+    mant, exp = torch.frexp(x.clamp(min=finfo.tiny))  # x = mant * 2**exp, mant in [0.5, 1)
+    steps = torch.round(mant * 2.0**m) - down  # an integer of at most m bits
+    scale = torch.ldexp(steps, exp - m)  # exact: a power-of-two rescaling
+    return scale.clamp(min=finfo.tiny)
+
+
 def choose_qparams(w: torch.Tensor, cfg: IntConfig, ratio: float | torch.Tensor = 1.0) -> QParams:
     """Scale and zero for each row of `w` (rows, n) over its last dimension, with the range
     shrunk by `ratio` (1.0: the full min/max range)."""
     qmax = 2**cfg.bits - 1
     if cfg.sym:
         amax = w.abs().amax(dim=-1, keepdim=True) * ratio  # (rows, 1)
-        scale = amax / (2 ** (cfg.bits - 1) - 1)
+        scale = round_scale(amax / (2 ** (cfg.bits - 1) - 1), cfg)
+        zero = torch.full_like(scale, 2 ** (cfg.bits - 1))
     else:
         lo = w.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
         hi = w.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
-        scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
-    scale = scale.to(getattr(torch, cfg.scale_dtype))
-    if not torch.isfinite(scale).all():
-        raise ValueError(f"{cfg.spec()}: a scale overflows {cfg.scale_dtype}; use scale_dtype=float32")
-    scale = scale.float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float16).tiny))
-    if cfg.sym:
-        zero = torch.full_like(scale, 2 ** (cfg.bits - 1))
-    else:
-        zero = torch.round(-lo / scale).clamp(0, qmax)
+        floor = torch.finfo(getattr(torch, cfg.scale_dtype)).tiny
+        down = torch.zeros_like(hi)
+        for _ in range(4):  # rarely more than one step; each one stretches the grid by a rounding
+            scale = round_scale((hi - lo) / qmax, cfg, down)
+            zero = torch.round(-lo / scale).clamp(0, qmax)
+            short = (torch.round(hi / scale) + zero < qmax) & (scale > floor)
+            if not short.any():
+                break
+            down = down + short.float()
+    if not torch.isfinite(scale).all() or (scale > torch.finfo(getattr(torch, cfg.scale_dtype)).max).any():
+        if cfg.scale_dtype == "float16":
+            raise ValueError(f"{cfg.spec()}: a scale overflows float16; use scale_dtype=float32")
+        raise ValueError(f"{cfg.spec()}: the weight's range (max - min) overflows the range of float32")
     return QParams(scale, zero)
 
 

@@ -1,0 +1,282 @@
+"""NF4 and FP4: the 4-bit codebooks of bitsandbytes, blockwise absmax scaling, and optional
+double quantization of the block scales (Dettmers et al. 2023, "QLoRA", arXiv:2305.14314).
+
+A weight is flattened row-major and cut into blocks of `block` consecutive values, exactly as
+`bitsandbytes.functional.quantize_4bit` does. Each block stores its absmax; each value stores
+the 4-bit index of the codebook entry nearest to value / absmax. Blocks run over the flattened
+tensor, so when the row length is not a multiple of the block a block spans two rows, and when
+the element count is not a multiple of the block the last block is partial: it is scaled by
+the absmax of its own values (bnb's policy, matched byte for byte, including bnb's quirks:
+that block's absmax is floored at 1e-38 and its values are divided by it rather than multiplied
+by its reciprocal). An odd element count pads the last byte with the code of 0.0.
+
+Packing (bnb's nibble order, two codes per byte, the first value in the high nibble):
+
+    byte j = code[2j] << 4 | code[2j+1]          codes: (ceil(numel / 2),) uint8
+
+Rounding: to the nearest codebook entry, ties (a value exactly on a midpoint) to the lower
+entry, as `torch.bucketize` on the sorted midpoints does in bnb's CPU path. We do not call
+bucketize (it is a slow per-element binary search on the CPU): the top 16 bits of a float32
+pin it to an interval holding at most one midpoint, so a 65536-entry table of the code at the
+interval's start, plus one comparison with that midpoint, gives the same index.
+
+Double quantization (QLoRA section 3, bnb's `compress_statistics=True`): the block absmaxes
+(float32) lose their mean (`offset`, float32) and are quantized in blocks of 256 to bnb's signed
+8-bit dynamic map, with a float32 absmax per block of 256. That quantizer is bnb's CPU kernel
+(csrc/cpu_ops.cpp, `quantize_cpu_impl`): it rounds value / absmax to a grid of 65536 points on
+[-1, 1] and looks up the code nearest to the grid point, which is not always the code nearest
+to the value; we reproduce it so the nested bytes match too.
+
+On the CPU every stored byte equals bnb 0.50's `quantize_4bit`, and dequantization equals its
+`dequantize_4bit` (tests/formats/test_nf4.py). bnb's CUDA kernels are a different reference
+and may round midpoint cases differently; `offset` is a float32 mean, whose summation order
+is the device's.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..spec import SpecError
+from . import register_format
+from .qtensor import FormatConfig, QTensor
+
+BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
+NESTED_BLOCK = 256  # block of the double quantization of the absmaxes, fixed in bnb
+
+# NF4: quantiles of N(0, 1) with equal mass per bin, normalised to [-1, 1], with an exact 0
+# (QLoRA appendix E; bitsandbytes `get_4bit_type("nf4")`, generated there by
+# `create_normal_map(offset=0.9677083, use_extra_value=True)`). Index order = value order.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+# FP4 (E2M1, bias 2, no inf/nan): index bit 3 is the sign, bits 2..0 an exponent/mantissa
+# pattern worth 0, 0.0625, 8, 12, 4, 6, 2, 3, divided by 12 to span [-1, 1] (bitsandbytes
+# `get_4bit_type("fp4")`; the float values are those of `fp4_lut` in bnb's csrc/cpu_ops.cpp,
+# which is what its CPU dequantization reads: index 8 is -0.0 there).
+FP4_CODE = tuple(v / 12.0 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3)) + tuple(
+    -v / 12.0 for v in (0.0, 0.0625, 8, 12, 4, 6, 2, 3)
+)
+CODEBOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+@dataclass(frozen=True)
+class NF4Config(FormatConfig):
+    name = "nf4"
+    block: int = 64  # values per absmax, over the flattened weight
+    double_quant: bool = False  # quantize the absmaxes to 8 bits in blocks of 256 (QLoRA)
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise SpecError(f"{self.name}: block={self.block} is not supported; choose one of {', '.join(map(str, BLOCKS))}")
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        n = shape[0] * shape[1]
+        blocks = -(-n // self.block)
+        if self.double_quant:
+            scale_bits = 8 * blocks + 32 * -(-blocks // NESTED_BLOCK) + 32  # codes, absmax2, offset
+        else:
+            scale_bits = 32 * blocks
+        return (8 * -(-n // 2) + scale_bits) / n
+
+
+@dataclass(frozen=True)
+class FP4Config(NF4Config):
+    name = "fp4"
+
+
+@dataclass(frozen=True, eq=False)
+class NF4QTensor(QTensor):
+    codes: torch.Tensor  # (ceil(numel / 2),) uint8, two codes per byte, first in the high nibble
+    absmax: torch.Tensor  # (n_blocks,) float32; uint8 dynamic-map codes when double_quant
+    absmax2: torch.Tensor | None = None  # (ceil(n_blocks / 256),) float32, double_quant only
+    offset: torch.Tensor | None = None  # () float32, the mean subtracted before double_quant
+
+
+# -- constant tables -------------------------------------------------------------------------
+def dynamic_map() -> torch.Tensor:
+    """bnb's signed 8-bit dynamic map, `create_dynamic_map(signed=True, max_exponent_bits=7)`
+    (Dettmers 2015, arXiv:1511.04561): decade i = 0..6 holds 2**i values of each sign, the
+    midpoints of `linspace(0.1, 1, 2**i + 1)` times 10**(i - 6); plus 0 and 1. (256,) sorted."""
+    vals = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (10.0 ** (i - 6)) * ((edges[:-1] + edges[1:]) / 2.0)  # float32, as bnb rounds it
+        vals += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+@functools.cache
+def _tables(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(code (16,), first (65536,) uint8, thr (65536,) float32, order (16,) uint8 or None).
+
+    Midpoints are bnb's: those of the codebook sorted by value (a stable sort, so FP4's +0 comes
+    before its -0). For a float32 x whose top 16 bits are p, its position among the sorted
+    entries is first[p] + (x > thr[p]): first[p] is the position at the lowest value of that
+    interval, thr[p] the one midpoint inside it (+inf if none). `order` maps positions back to
+    codebook indices (None for NF4, whose codebook is sorted).
+    """
+    code = torch.tensor(CODEBOOKS[kind], dtype=torch.float32)
+    sorted_code, order = torch.sort(code, stable=True)
+    mids = ((sorted_code[:-1] + sorted_code[1:]) / 2).numpy()  # (15,) float32
+    prefix = np.arange(1 << 16, dtype=np.uint32) << 16
+    with np.errstate(invalid="ignore"):  # the NaN bit patterns
+        ends = np.stack([prefix, prefix | 0xFFFF]).view(np.float32).astype(np.float64)  # (2, 65536)
+    ends = np.where(np.isnan(ends), np.where(prefix >> 31 == 1, -np.inf, np.inf), ends)  # NaN patterns
+    lo, hi = ends.min(0), ends.max(0)
+    first = np.searchsorted(mids, lo, side="left")  # number of midpoints < lo
+    last = np.searchsorted(mids, hi, side="left")  # number of midpoints < hi
+    assert (last - first <= 1).all(), "a 16-bit prefix interval holds two midpoints"
+    thr = np.where(last > first, mids[np.minimum(first, len(mids) - 1)], np.inf).astype(np.float32)
+    identity = bool((order == torch.arange(16)).all())
+    return (
+        code.to(device),
+        torch.from_numpy(first.astype(np.uint8)).to(device),
+        torch.from_numpy(thr).to(device),
+        None if identity else order.to(torch.uint8).to(device),
+    )
+
+
+# -- 4-bit encoding ------------------------------------------------------------------------
+def _encode(scaled: torch.Tensor, tables) -> torch.Tensor:
+    """Codebook indices (uint8, flat) of float32 values already divided by their absmax."""
+    _, first, thr, order = tables
+    flat = scaled.reshape(-1)
+    key = torch.bitwise_and(flat.view(torch.int32) >> 16, 0xFFFF)  # top 16 bits of each float32
+    pos = torch.index_select(first, 0, key)
+    pos += flat > torch.index_select(thr, 0, key)
+    return pos if order is None else torch.index_select(order, 0, pos.int())
+
+
+def _quantize_4bit(flat: torch.Tensor, block: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's blockwise 4-bit quantization of a flat float32 tensor: (codes (n,) uint8, absmax)."""
+    n = flat.numel()
+    full = n - n % block
+    codes = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)
+    absmax = []
+    # Full blocks, a chunk at a time so that the intermediates stay in cache.
+    chunk = max(block, _CHUNK)
+    for i in range(0, full, chunk):
+        x = flat[i : min(i + chunk, full)].view(-1, block)  # (b, block)
+        am = torch.linalg.vector_norm(x, float("inf"), dim=1)  # (b,) exact max |x|
+        # bnb multiplies by the reciprocal, then clamps to [-1, 1]; no clamp is needed here:
+        # |x * (1 / absmax)| <= 1 + 2**-23, whose top 16 bits are those of +-1.0.
+        scaled = x * (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
+        codes[i : i + x.numel()] = _encode(scaled, tables)
+        absmax.append(am)
+    if full < n:  # the partial last block: bnb floors its absmax and divides by it
+        tail = flat[full:]
+        am = tail.abs().max().clamp(min=1e-38)
+        codes[full:n] = _encode(tail / am, tables)
+        absmax.append(am.reshape(1))
+    if n % 2:  # pad the last byte with the code of 0.0
+        codes[n:] = _encode(torch.zeros(1, device=flat.device), tables)
+    return codes, torch.cat(absmax) if absmax else flat.new_zeros(0)
+
+
+_CHUNK = 1 << 16  # elements per step of the blockwise loop (a multiple of every block size)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(2m,) uint8 codes < 16 -> (m,) bytes, the first code of each pair in the high nibble."""
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: the first `n` codes, (n,) uint8."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+
+
+# -- double quantization of the absmaxes -----------------------------------------------------
+@functools.cache
+def _dynamic_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dynamic map (256,), grid table (65536,) uint8): bnb's CPU lookup table, which maps
+    grid point i (the value -1 + 2i/65535) to the first code whose upper midpoint is >= it."""
+    code = dynamic_map()
+    mids = 0.5 * (code[:-1] + code[1:])  # float32, as bnb computes them
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    table = torch.searchsorted(mids, grid, side="left").to(torch.uint8)
+    return code.to(device), table.to(device)
+
+
+def quantize_dynamic(x: torch.Tensor, block: int = NESTED_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's CPU `quantize_blockwise` with the dynamic map: (codes (n,) uint8, absmax float32).
+
+    Per block: v = x * (1 / absmax); the code is table[trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535
+    + 0.5)], every step in float32 as in csrc/cpu_ops.cpp. An all-zero block stores code 0."""
+    _, table = _dynamic_tables(x.device)
+    n = x.numel()
+    blocks = -(-n // block)
+    xb = torch.nn.functional.pad(x, (0, blocks * block - n)).view(blocks, block)
+    am = torch.linalg.vector_norm(xb, float("inf"), dim=1)  # (blocks,)
+    inv = torch.where(am > 0, 1.0 / am, 0.0)  # an all-zero block: no NaN from 0 * inf
+    v = (xb * inv.unsqueeze(1)).clamp(-1.0, 1.0)
+    grid = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)  # truncation, as the C cast
+    codes = torch.where(am.unsqueeze(1) > 0, table[grid], 0)
+    return codes.to(torch.uint8).reshape(-1)[:n], am
+
+
+def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = NESTED_BLOCK) -> torch.Tensor:
+    code, _ = _dynamic_tables(codes.device)
+    n = codes.numel()
+    values = code[codes.long()]
+    return (values * absmax.repeat_interleave(block)[:n])
+
+
+# -- the formats ---------------------------------------------------------------------------
+def quantize(w: torch.Tensor, cfg: NF4Config) -> NF4QTensor:
+    """w: (out, in) float32 -> NF4QTensor; blocks run over the row-major flattened weight."""
+    tables = _tables(cfg.name, w.device)
+    codes, absmax = _quantize_4bit(w.reshape(-1), cfg.block, tables)
+    parts: dict[str, torch.Tensor] = {"codes": pack_nibbles(codes), "absmax": absmax}
+    if cfg.double_quant:
+        offset = absmax.mean()  # the same torch reduction bnb uses
+        parts["absmax"], parts["absmax2"] = quantize_dynamic(absmax - offset)
+        parts["offset"] = offset
+    return NF4QTensor(config=cfg, shape=tuple(w.shape), dtype=w.dtype, **parts)
+
+
+def block_absmax(q: NF4QTensor) -> torch.Tensor:
+    """The float32 absmax of every block, (n_blocks,), undoing double quantization."""
+    if q.absmax2 is None:
+        return q.absmax
+    return dequantize_dynamic(q.absmax, q.absmax2) + q.offset
+
+
+def dequantize(q: NF4QTensor) -> torch.Tensor:
+    """(out, in) float32: code[index] * absmax of its block, one float32 multiply (as bnb)."""
+    cfg: NF4Config = q.config
+    code = _tables(cfg.name, q.codes.device)[0]
+    n = q.numel
+    values = code[unpack_nibbles(q.codes, n).long()]  # (n,)
+    absmax = block_absmax(q)
+    pad = absmax.numel() * cfg.block - n
+    out = torch.nn.functional.pad(values, (0, pad)).view(-1, cfg.block) * absmax.unsqueeze(1)
+    return out.reshape(-1)[:n].reshape(q.shape)
+
+
+class _FourBit:
+    qtensor_type = NF4QTensor
+    quantize = staticmethod(quantize)
+    dequantize = staticmethod(dequantize)
+
+
+@register_format
+class NF4Format(_FourBit):
+    config_type = NF4Config
+    description = "NF4 (QLoRA normal-float codebook), blockwise absmax, optional double quantization; = bitsandbytes"
+
+
+@register_format
+class FP4Format(_FourBit):
+    config_type = FP4Config
+    description = "FP4 (E2M1 codebook of bitsandbytes), blockwise absmax, optional double quantization; = bitsandbytes"
