@@ -76,7 +76,7 @@ def gptq_codes(
     W[:, dead] = 0
     gs = cfg.group_size(n)
     dynamic = cfg.group > 0 and not opts.static_groups  # parameters chosen as each group starts
-    perm = torch.argsort(H.diagonal(), descending=True) if opts.act_order else torch.arange(n, device=W.device)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if opts.act_order else torch.arange(n, device=W.device)
     invperm = torch.argsort(perm)
 
     if dynamic:
