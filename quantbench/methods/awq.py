@@ -32,10 +32,9 @@ from torch import nn
 from ..formats import quantize_tensor
 from ..formats.integer import IntConfig, choose_qparams, dequantize_codes, group_view, quantize_codes
 from ..layers import LayerRule, get_module, get_weight, is_linear, set_weight
-from ..sources import Calibration, Reference
-from ..spec import SpecError, format_config
-from . import copy_variant, register_method
-from .calibrate import Block, PerInput, gram, pre_hooks, run_sequential, swap_in
+from ..sources import Calibration
+from ..spec import SpecError
+from .calibrate import Block, PerInput, gram, pre_hooks, register_calibrated, run_sequential, swap_in
 from .gptq import check_shapes
 
 
@@ -227,12 +226,6 @@ def awq_model(model: nn.Module, calib: Calibration, cfg: AWQConfig, rule: LayerR
     return specs
 
 
-@register_method("awq")
-class AWQ:
-    config_type = AWQConfig
-    description = "AWQ (Lin et al. 2023): activation-aware scales folded into the model, clip search, int RTN"
-    needs_calibration = True
-
-    @staticmethod
-    def build(ref: Reference, cfg: AWQConfig, calib: Calibration | None, rule: LayerRule = LayerRule()):
-        return copy_variant(ref, format_config(cfg, "awq"), lambda m: awq_model(m, calib, cfg, rule))
+AWQ = register_calibrated(
+    "awq", AWQConfig, "AWQ (Lin et al. 2023): activation-aware scales folded into the model, clip search, int RTN", awq_model
+)

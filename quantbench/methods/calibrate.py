@@ -23,9 +23,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..layers import QLinear, get_module, is_linear, set_module
-from ..sources import Calibration
-from ..spec import SpecError
+from ..layers import LayerRule, QLinear, get_module, is_linear, set_module
+from ..sources import Calibration, Reference
+from ..spec import SpecError, format_config
+from . import copy_variant, register_method
 
 MIN_TOKENS = 128  # fewer calibration tokens than this cannot estimate a 64-wide Hessian or scale
 
@@ -237,3 +238,24 @@ def swap_in(block: Block, rel: str, q) -> None:
     """Replace a float linear layer of the block by a QLinear holding `q`."""
     m = block.linear(rel)
     block.replace(rel, QLinear(q, getattr(m, "bias", None)))
+
+
+def register_calibrated(
+    name: str, config_type: type, description: str, quantize: Callable[[nn.Module, Calibration, object, LayerRule], dict[str, str]]
+) -> type:
+    """Register a method that needs calibration data and quantizes a copy of the reference in
+    place with `quantize(model, calib, cfg, rule) -> {layer name: spec}`."""
+
+    class CalibratedMethod:
+        needs_calibration = True
+
+        @staticmethod
+        def build(ref: Reference, cfg, calib: Calibration | None, rule: LayerRule = LayerRule()):
+            if calib is None:
+                raise SpecError(f"method {format_config(cfg, name)} needs calibration data")
+            return copy_variant(ref, format_config(cfg, name), lambda m: quantize(m, calib, cfg, rule))
+
+    CalibratedMethod.config_type = config_type
+    CalibratedMethod.description = description
+    CalibratedMethod.__name__ = CalibratedMethod.__qualname__ = name.upper()
+    return register_method(name)(CalibratedMethod)

@@ -29,10 +29,9 @@ import torch
 
 from ..formats.integer import IntConfig, IntQTensor, QParams, choose_qparams, dequantize_codes, group_view, pack, quantize_codes
 from ..layers import LayerRule, get_weight, set_weight
-from ..sources import Calibration, Reference
-from ..spec import SpecError, format_config
-from . import copy_variant, register_method
-from .calibrate import Block, PerInput, gram, pre_hooks, run_sequential, swap_in
+from ..sources import Calibration
+from ..spec import SpecError
+from .calibrate import Block, PerInput, gram, pre_hooks, register_calibrated, run_sequential, swap_in
 
 
 @dataclass(frozen=True)
@@ -201,12 +200,6 @@ def gptq_model(model: torch.nn.Module, calib: Calibration, cfg: GPTQConfig, rule
     return specs
 
 
-@register_method("gptq")
-class GPTQ:
-    config_type = GPTQConfig
-    description = "GPTQ (Frantar et al. 2022): Hessian-aware error feedback into the int format"
-    needs_calibration = True
-
-    @staticmethod
-    def build(ref: Reference, cfg: GPTQConfig, calib: Calibration | None, rule: LayerRule = LayerRule()):
-        return copy_variant(ref, format_config(cfg, "gptq"), lambda m: gptq_model(m, calib, cfg, rule))
+GPTQ = register_calibrated(
+    "gptq", GPTQConfig, "GPTQ (Frantar et al. 2022): Hessian-aware error feedback into the int format", gptq_model
+)
