@@ -23,7 +23,10 @@ when the group size equals the block size).
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -32,6 +35,11 @@ from ..layers import LayerRule, get_weight, set_weight
 from ..sources import Calibration
 from ..spec import SpecError
 from .calibrate import Block, PerInput, gram, pre_hooks, register_calibrated, run_sequential, swap_in
+
+
+# Columns per inner sub-block: the paper's lazy batch applied once more inside each block of 128,
+# so the per-column rank-1 update touches 16 rows instead of up to 128 (a matrix product does the rest).
+SUB_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,22 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     if info:
         raise ValueError(f"GPTQ: the inverse Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1)")
     return Hinv
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Run GPTQ's column loop on one CPU thread. Each of its ops touches one row of a few thousand
+    floats, and splitting that across threads costs more in synchronisation than the op itself:
+    on two busy cores the loop ran 10x slower, and LAPACK's inverse 16x."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def gptq_codes(
@@ -90,32 +114,35 @@ def gptq_codes(
     if opts.act_order:
         W, H = W[:, perm], H[perm][:, perm]
 
-    Hinv = inverse_cholesky(H, opts.damp)  # (in, in) upper, visit order
-    # Row i of Hinv divided by its diagonal: the update that column i's error (w - q) makes to the
-    # later columns, so err1 = (w - q) / Hinv[i, i] never needs dividing.
-    Hn = Hinv / Hinv.diagonal().unsqueeze(1)
-    Wt = W.t().contiguous()  # (in, out), visit order: column i of W is row i, contiguous
-    Ct = torch.empty_like(Wt)  # codes, visit order
-    for i1 in range(0, n, opts.block):
-        i2 = min(i1 + opts.block, n)
-        W1 = Wt[i1:i2]  # a view: updates land in Wt
-        Err1 = torch.empty_like(W1)  # (w - q) per column, the paper's Err1 times diag(Hinv)
-        # unbind once per block: indexing a row per column costs as much as the arithmetic
-        rows, errs, codes_, hrows = W1.unbind(0), Err1.unbind(0), Ct[i1:i2].unbind(0), Hn[i1:i2, i1:i2].unbind(0)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic:
-                if j % gs == 0:
-                    g = choose_qparams(Wt[j : j + gs].t(), cfg)  # (out, 1), current weights
-                    scale[:, j // gs], zero[:, j // gs] = g.scale[:, 0], g.zero[:, 0]
-                    qp = QParams(g.scale[:, 0], g.zero[:, 0])
-            else:
-                qp = QParams(col_scale[j], col_zero[j])
-            c = quantize_codes(rows[i], qp, cfg)
-            codes_[i].copy_(c)
-            torch.sub(rows[i], dequantize_codes(c, qp), out=errs[i])
-            W1[i + 1 :].addr_(hrows[i][i + 1 :], errs[i], alpha=-1)  # error feedback inside the block
-        Wt[i2:].addmm_(Hn[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of later columns
+    with one_thread(W.device):
+        Hinv = inverse_cholesky(H, opts.damp)  # (in, in) upper, visit order
+        # Row i of Hinv over its diagonal: what column i's error (w - q) does to the later columns,
+        # so err1 = (w - q) / Hinv[i, i] is never divided out.
+        Hn = Hinv / Hinv.diagonal().unsqueeze(1)
+        Wt = W.t().contiguous()  # (in, out), visit order: column i of W is row i, contiguous
+        Ct = torch.empty_like(Wt)  # codes, visit order
+        # Rows unbound once: indexing a row per column costs as much as the arithmetic on it.
+        rows, codes_, hrows = Wt.unbind(0), Ct.unbind(0), Hn.unbind(0)
+        sub = math.gcd(SUB_BLOCK, gs) if dynamic else SUB_BLOCK  # a group starts on a sub-block
+        for i1 in range(0, n, opts.block):
+            i2 = min(i1 + opts.block, n)
+            Err1 = torch.empty(i2 - i1, out, device=W.device)  # (w - q) per column: Err1 * diag(Hinv)
+            errs = Err1.unbind(0)
+            for s1 in range(i1, i2, sub):
+                s2 = min(s1 + sub, i2)
+                for j in range(s1, s2):
+                    if not dynamic:
+                        qp = QParams(col_scale[j], col_zero[j])
+                    elif j % gs == 0:  # a new group: parameters from its columns as they are now
+                        g = choose_qparams(Wt[j : j + gs].t(), cfg)  # (out, 1)
+                        scale[:, j // gs], zero[:, j // gs] = g.scale[:, 0], g.zero[:, 0]
+                        qp = QParams(g.scale[:, 0], g.zero[:, 0])
+                    c = quantize_codes(rows[j], qp, cfg)
+                    codes_[j].copy_(c)
+                    err1 = torch.sub(rows[j], dequantize_codes(c, qp), out=errs[j - i1])
+                    Wt[j + 1 : s2].addr_(hrows[j][j + 1 : s2], err1, alpha=-1)  # within the sub-block
+                Wt[s2:i2].addmm_(Hn[s1:s2, s2:i2].t(), Err1[s1 - i1 : s2 - i1], alpha=-1)  # rest of the block
+            Wt[i2:].addmm_(Hn[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of later columns
 
     codes = Ct.t()[:, invperm] if opts.act_order else Ct.t()  # (out, in), original column order
     g_idx = None
