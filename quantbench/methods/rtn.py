@@ -35,8 +35,8 @@ def format_method(fname: str) -> type:
         requires = getattr(fmt, "requires", ())
 
         @staticmethod
-        def build(ref: Reference, cfg: FormatConfig, calib: Calibration | None):
-            return rtn_variant(ref, cfg.spec(), cfg)
+        def build(ref: Reference, cfg: FormatConfig, calib: Calibration | None, rule: LayerRule = LayerRule()):
+            return rtn_variant(ref, cfg.spec(), cfg, rule)
 
     return FormatMethod
 
@@ -71,8 +71,8 @@ def _classic(name: str, sym: bool, what: str) -> type:
         description = what
 
         @staticmethod
-        def build(ref: Reference, cfg: ClassicConfig, calib: Calibration | None):
-            return rtn_variant(ref, format_config(cfg, name), cfg.int_config(sym))
+        def build(ref: Reference, cfg: ClassicConfig, calib: Calibration | None, rule: LayerRule = LayerRule()):
+            return rtn_variant(ref, format_config(cfg, name), cfg.int_config(sym), rule)
 
     Classic.__name__ = name.capitalize()
     return register_method(name)(Classic)

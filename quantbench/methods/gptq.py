@@ -1,0 +1,232 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023, arXiv:2210.17323). Reference: IST-DASLab/gptq
+(`gptq.py`, `fasterquant`); names follow the paper and that code (H, Hinv, W1, Err1).
+
+For a linear layer with weight W (out, in) and inputs X (T, in), GPTQ minimises ||W X^T - Q X^T||^2
+one input column at a time: quantize column i, then spread its error over the columns not yet
+quantized, weighted by the inverse Hessian H^-1 = (2 X^T X)^-1 (Optimal Brain Quantization with a
+fixed column order). The inverse is taken once, through its upper Cholesky factor, which holds for
+every column the rows of H^-1 that OBQ would recompute (the paper's "Cholesky reformulation").
+Columns go in blocks of 128 whose error is applied to the later columns in one matrix product
+(the "lazy batch" updates). Options from the reference: dampening (a fraction of the mean
+diagonal added to H), dead inputs (zero diagonal: weight zeroed, H diagonal set to 1), activation
+order (`desc_act`: columns by decreasing H diagonal), and static groups (group parameters fixed
+from the unquantized weights, so act_order keeps contiguous groups).
+
+The algorithm only chooses codes; choosing scales and zeros, rounding and bit packing are the
+integer format's (`quantbench.formats.integer`: choose_qparams, quantize_codes, dequantize_codes,
+pack), so a GPTQ weight stores exactly like an RTN one. One deliberate difference from the
+reference: the parameters of a group are chosen from the group's columns as they are when the
+group starts, all error feedback applied; the reference reads the block-start copy (the two agree
+when the group size equals the block size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..formats.integer import IntConfig, IntQTensor, QParams, choose_qparams, dequantize_codes, group_view, pack, quantize_codes
+from ..layers import LayerRule, get_weight, set_weight
+from ..sources import Calibration
+from ..spec import SpecError
+from .calibrate import Block, PerInput, gram, pre_hooks, register_calibrated, run_sequential, swap_in
+
+
+# Columns per inner sub-block: the paper's lazy batch applied once more inside each block of 128,
+# so the per-column rank-1 update touches 16 rows instead of up to 128 (a matrix product does the rest).
+SUB_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    block: int = 128  # columns per lazy-batch block
+    damp: float = 0.01  # fraction of the mean of diag(H) added to its diagonal
+    act_order: bool = False  # columns in decreasing order of diag(H) ("desc_act")
+    static_groups: bool = False  # group parameters from the unquantized weights
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i holds what column i's
+    update needs (the paper's Hinv)."""
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info:
+        raise ValueError(f"GPTQ: the Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1)")
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info:
+        raise ValueError(f"GPTQ: the inverse Hessian is not positive definite with damp={damp}; raise damp (e.g. 0.1)")
+    return Hinv
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Run GPTQ's column loop on one CPU thread. Each of its ops touches one row of a few thousand
+    floats, and splitting that across threads costs more in synchronisation than the op itself:
+    on two busy cores the loop ran 10x slower, and LAPACK's inverse 16x."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def gptq_codes(
+    W: torch.Tensor, H: torch.Tensor, cfg: IntConfig, opts: GPTQOptions = GPTQOptions()
+) -> tuple[torch.Tensor, QParams, torch.Tensor | None]:
+    """GPTQ codes of W (out, in) for the Hessian H (in, in): (codes (out, in) float32 integers,
+    parameters (out or 1, n_groups), g_idx (in,) or None when groups are contiguous)."""
+    if W.dtype != torch.float32 or H.dtype != torch.float32:
+        raise TypeError(f"GPTQ works in float32; got W {W.dtype}, H {H.dtype}")
+    cfg.check_shape(tuple(W.shape))
+    out, n = W.shape
+    if H.shape != (n, n):
+        raise ValueError(f"GPTQ: H has shape {tuple(H.shape)}, expected ({n}, {n}) for W of shape {tuple(W.shape)}")
+    if opts.static_groups and cfg.group <= 0:
+        raise SpecError("GPTQ: static_groups needs groups (group > 0)")
+    W, H = W.clone(), H.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs = cfg.group_size(n)
+    dynamic = cfg.group > 0 and not opts.static_groups  # parameters chosen as each group starts
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if opts.act_order else torch.arange(n, device=W.device)
+    invperm = torch.argsort(perm)
+
+    if dynamic:
+        scale = torch.empty(out, n // gs, device=W.device)  # (out, G), G in column-visit order
+        zero = torch.empty_like(scale)
+    else:  # per tensor, per channel or static groups: fixed before any column moves
+        qp = choose_qparams(group_view(W, cfg), cfg)  # (R, G, 1)
+        scale, zero = qp.scale.squeeze(-1), qp.zero.squeeze(-1)  # (R, G)
+        col_group = perm // gs if cfg.group > 0 else torch.zeros_like(perm)  # visit order -> group
+        col_scale = scale[:, col_group].t().contiguous()  # (in, R)
+        col_zero = zero[:, col_group].t().contiguous()
+    if opts.act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+
+    with one_thread(W.device):
+        Hinv = inverse_cholesky(H, opts.damp)  # (in, in) upper, visit order
+        # Row i of Hinv over its diagonal: what column i's error (w - q) does to the later columns,
+        # so err1 = (w - q) / Hinv[i, i] is never divided out.
+        Hn = Hinv / Hinv.diagonal().unsqueeze(1)
+        Wt = W.t().contiguous()  # (in, out), visit order: column i of W is row i, contiguous
+        Ct = torch.empty_like(Wt)  # codes, visit order
+        # Rows unbound once: indexing a row per column costs as much as the arithmetic on it.
+        rows, codes_, hrows = Wt.unbind(0), Ct.unbind(0), Hn.unbind(0)
+        sub = math.gcd(SUB_BLOCK, gs) if dynamic else SUB_BLOCK  # a group starts on a sub-block
+        for i1 in range(0, n, opts.block):
+            i2 = min(i1 + opts.block, n)
+            Err1 = torch.empty(i2 - i1, out, device=W.device)  # (w - q) per column: Err1 * diag(Hinv)
+            errs = Err1.unbind(0)
+            for s1 in range(i1, i2, sub):
+                s2 = min(s1 + sub, i2)
+                for j in range(s1, s2):
+                    if not dynamic:
+                        qp = QParams(col_scale[j], col_zero[j])
+                    elif j % gs == 0:  # a new group: parameters from its columns as they are now
+                        g = choose_qparams(Wt[j : j + gs].t(), cfg)  # (out, 1)
+                        scale[:, j // gs], zero[:, j // gs] = g.scale[:, 0], g.zero[:, 0]
+                        qp = QParams(g.scale[:, 0], g.zero[:, 0])
+                    c = quantize_codes(rows[j], qp, cfg)
+                    codes_[j].copy_(c)
+                    err1 = torch.sub(rows[j], dequantize_codes(c, qp), out=errs[j - i1])
+                    Wt[j + 1 : s2].addr_(hrows[j][j + 1 : s2], err1, alpha=-1)  # within the sub-block
+                Wt[s2:i2].addmm_(Hn[s1:s2, s2:i2].t(), Err1[s1 - i1 : s2 - i1], alpha=-1)  # rest of the block
+            Wt[i2:].addmm_(Hn[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of later columns
+
+    codes = Ct.t()[:, invperm] if opts.act_order else Ct.t()  # (out, in), original column order
+    g_idx = None
+    if dynamic and opts.act_order:
+        g_idx = (torch.arange(n, device=W.device) // gs)[invperm].to(torch.int32)
+    return codes, QParams(scale, zero), g_idx
+
+
+def gptq_quantize(
+    W: torch.Tensor, H: torch.Tensor, cfg: IntConfig, opts: GPTQOptions = GPTQOptions(), dtype: torch.dtype | None = None
+) -> IntQTensor:
+    """Quantize W (out, in) float32 with GPTQ for the Hessian H (in, in); stored as the int format
+    (with g_idx when act_order is used without static groups)."""
+    codes, qp, g_idx = gptq_codes(W, H, cfg, opts)
+    return pack(codes, qp, cfg, dtype or W.dtype, g_idx)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group: int = 128  # input columns per scale; 0 per output channel, -1 per tensor
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        self.int_config()  # bits and group ranges
+        if not 0 < self.damp <= 1:
+            raise SpecError(f"gptq: damp={self.damp} is not valid; use a fraction in (0, 1], e.g. 0.01")
+        if self.block < 1:
+            raise SpecError(f"gptq: block={self.block} is not valid; use a positive number of columns, e.g. 128")
+        if self.static_groups and self.group <= 0:
+            raise SpecError("gptq: static_groups=true needs group > 0")
+
+    def int_config(self) -> IntConfig:
+        return IntConfig(bits=self.bits, sym=self.sym, group=self.group)
+
+    def options(self) -> GPTQOptions:
+        return GPTQOptions(block=self.block, damp=self.damp, act_order=self.act_order, static_groups=self.static_groups)
+
+
+def check_shapes(model: torch.nn.Module, names: list[str], cfg: IntConfig) -> None:
+    """Fail before any calibration work if a layer's shape does not suit the format."""
+    for name in names:
+        cfg.check_shape(tuple(get_weight(model.get_submodule(name)).shape))
+
+
+def gptq_model(model: torch.nn.Module, calib: Calibration, cfg: GPTQConfig, rule: LayerRule = LayerRule()) -> dict[str, str]:
+    """Quantize the selected linear layers of `model` in place with GPTQ; returns name -> spec.
+
+    Each block runs once: a pre-hook quantizes a layer on its first call, from the inputs it is
+    being called with, and lets the call go on with the quantized weights; so each layer's inputs
+    come from the already-quantized layers before it (the reference's `--true-sequential`)."""
+    names = rule.select(model)
+    icfg, opts = cfg.int_config(), cfg.options()
+    check_shapes(model, names, icfg)
+    specs: dict[str, str] = {}
+
+    def process(block: Block) -> torch.Tensor:
+        hessian = PerInput(gram)
+        done = {}
+
+        def quantize(rel: str, m: torch.nn.Module, x: torch.Tensor) -> None:
+            if rel in done:
+                return
+            w = get_weight(m)
+            done[rel] = gptq_quantize(w.float(), hessian(x), icfg, opts, dtype=w.dtype)
+            set_weight(m, done[rel].dequantize())
+
+        with pre_hooks(block, quantize):
+            out = block.forward()
+        for rel in block.linears:
+            if rel not in done:
+                raise SpecError(f"{block.full_name(rel)} was never called by its block; it cannot be calibrated")
+            swap_in(block, rel, done[rel])
+            specs[block.full_name(rel)] = icfg.spec()
+        return out
+
+    run_sequential(model, calib, names, process)
+    return specs
+
+
+GPTQ = register_calibrated(
+    "gptq", GPTQConfig, "GPTQ (Frantar et al. 2022): Hessian-aware error feedback into the int format", gptq_model
+)
