@@ -3,13 +3,18 @@
 Prefill: one forward over a (B, C) batch of windows, the median of `repeats` timed runs after a
 warm-up. Decode: the difference between generating n+1 tokens and 1 token from the same prompt,
 so the prompt's own prefill cancels out; greedy, with the variant's KV cache.
+
+A variant whose library measures itself (llama.cpp's performance counters) may offer
+`own_speed(window, prompt, n) -> {"prefill_tokens_per_s", "decode_tokens_per_s", "source"}`.
+Its figures are then the reported prefill and decode speeds, since they are what that library's
+users see; our timers' figures are kept beside them (`timer_*`), so the harness's overhead shows.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -24,6 +29,9 @@ class Speed:
     batch_size: int
     context: int
     decode_tokens: int
+    speed_source: str = "timer"  # who measured prefill/decode: our timers, or the variant's library
+    timer_prefill_tokens_per_s: float | None = None  # ours, when the library's figures are reported
+    timer_decode_tokens_per_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,11 +71,23 @@ def measure_speed(variant: Variant, windows: torch.Tensor, batch_size: int = 4, 
     if batch.shape[0] < batch_size:  # fewer windows than the batch: repeat them
         batch = windows[torch.arange(batch_size) % windows.shape[0]]
     prompt = windows[:1, :16]
-    return Speed(
+    speed = Speed(
         prefill_tokens_per_s=prefill_tokens_per_s(variant, one),
         prefill_batch_tokens_per_s=prefill_tokens_per_s(variant, batch, repeats=1) if batch_size > 1 else float("nan"),
         decode_tokens_per_s=decode_tokens_per_s(variant, prompt, decode_tokens),
         batch_size=batch_size,
         context=windows.shape[1],
         decode_tokens=decode_tokens,
+    )
+    own_speed = getattr(variant, "own_speed", None)
+    if own_speed is None:
+        return speed
+    own = own_speed(one, prompt, decode_tokens)
+    return replace(
+        speed,
+        prefill_tokens_per_s=own["prefill_tokens_per_s"],
+        decode_tokens_per_s=own["decode_tokens_per_s"],
+        speed_source=own["source"],
+        timer_prefill_tokens_per_s=speed.prefill_tokens_per_s,
+        timer_decode_tokens_per_s=speed.decode_tokens_per_s,
     )
