@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import transformers
 
 from . import results as R
-from .cache import cache_dir
+from .cached import cached_reference_logits
 from .eval.generate import generations
 from .eval.memory import PeakRSS, rss_bytes
 from .eval.protocols import Protocol
-from .eval.quality import RefLogits, evaluate_quality, reference_logits
+from .eval.quality import RefLogits, evaluate_quality
 from .eval.speed import measure_speed
+from .eval.weights import weight_histogram
 from .methods import MethodSpec, missing_requirements, parse_method
 from .sources import EMBEDDED_MODEL, Calibration, Reference, load_reference, load_text, split_tokens, tokenize
 from .sources.models import SourceError
@@ -83,10 +85,6 @@ def default_methods() -> list[str]:
     return out
 
 
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 @dataclass
 class Session:
     cfg: RunConfig
@@ -97,6 +95,7 @@ class Session:
     calib: Calibration | None = field(init=False)
     protocol: Protocol = field(init=False)
     ref_logits: RefLogits | None = field(init=False, default=None)
+    ref_key: dict | None = field(init=False, default=None)
     doc: dict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,11 +135,12 @@ class Session:
             "windows": hashlib.sha256(self.windows.numpy().tobytes()).hexdigest(),
             "protocol": self.protocol.to_dict(),
             "torch": torch.__version__,
+            "transformers": transformers.__version__,
         }
-        path = cache_dir() / "reference" / f"{_key(key)}.f32"
+        self.ref_key = key  # what every cached figure of this session is keyed on (quantbench/cached.py)
         ref_variant = TorchVariant("reference", self.ref.model)
-        self.ref_logits = reference_logits(
-            ref_variant, self.windows, self.protocol, path, key, progress=self.progress("reference", len(self.windows))
+        self.ref_logits = cached_reference_logits(
+            ref_variant, self.windows, self.protocol, key, progress=self.progress("reference", len(self.windows))
         )
 
     def build(self, spec: MethodSpec) -> tuple[Variant, float]:
@@ -149,8 +149,10 @@ class Session:
         return variant, time.perf_counter() - t
 
     def measure(self, spec_str: str, variant: tuple[Variant, float] | None = None) -> dict:
-        """Build the variant of `spec_str` (unless given) and measure it; the result row."""
+        """Build the variant of `spec_str` (unless given) and measure it; the result row.
+        A variant built here is closed afterwards; a given one stays open for its owner."""
         spec = parse_method(spec_str)
+        owned = variant is None
         gc.collect()
         before = rss_bytes()
         variant, quantize_seconds = variant or self.build(spec)
@@ -182,9 +184,11 @@ class Session:
                 "generations": gens,
                 "layer_specs": dict(variant.layer_specs),
                 "device": str(variant.device),
+                "weight_histogram": weight_histogram(self.ref.model, variant),
             }
         finally:
-            variant.close()
+            if owned:
+                variant.close()
             del variant
             gc.collect()
         self.doc["results"].append(row)

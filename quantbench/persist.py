@@ -1,0 +1,99 @@
+"""Saving a quantized torch variant and restoring it on top of its reference.
+
+What is saved is what differs from the reference: for every `QLinear` its QTensor's stored
+tensors (codes, scales, zeros...) with the QTensor's metadata, and any other parameter or buffer
+a method changed (a cast, AWQ's rescaled norms). Unchanged tensors are not written twice, so an
+int4 variant of a 135M model takes ~60 MB, not the ~500 MB of its float copy. Restoring deep
+copies the reference, swaps the QLinear layers back in and assigns the changed tensors: the
+restored variant computes bit for bit what the saved one did.
+
+Variants whose modules are not plain reference modules or QLinear (bitsandbytes' Linear4bit, a
+llama.cpp process) are not saveable here: `saveable()` says so and the caller just does not
+cache them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .formats import QTensor
+from .layers import QLinear, set_module
+from .variant import TorchVariant
+
+FILE = "variant.safetensors"
+
+
+def saveable(variant: object, ref_model: nn.Module) -> bool:
+    """True for a TorchVariant whose modules are the reference's own types or QLinear."""
+    if type(variant) is not TorchVariant:
+        return False
+    ref_types = {n: type(m) for n, m in ref_model.named_modules()}
+    inside_q: list[str] = []
+    for name, m in variant.model.named_modules():
+        if any(name.startswith(q + ".") for q in inside_q):
+            continue
+        if isinstance(m, QLinear):
+            inside_q.append(name)
+        elif ref_types.get(name) is not type(m):
+            return False
+    return True
+
+
+def save_variant(variant: TorchVariant, ref_model: nn.Module, directory: Path) -> dict:
+    """Write the variant's difference from `ref_model` to `directory/variant.safetensors`;
+    returns what `load_variant` needs besides the file (JSON-able)."""
+    from safetensors.torch import save_file
+
+    qlinears = {n: m for n, m in variant.model.named_modules() if isinstance(m, QLinear)}
+    ref_sd = ref_model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # tied tensors are stored once
+    seen: dict[tuple, str] = {}
+    for k, v in variant.model.state_dict().items():
+        in_q = k.rpartition(".")[0] in qlinears
+        r = ref_sd.get(k)
+        if not in_q and r is not None and r.dtype == v.dtype and r.shape == v.shape and torch.equal(r, v):
+            continue  # the reference's own tensor
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if ident in seen:
+            aliases[k] = seen[ident]
+            continue
+        seen[ident] = k
+        tensors[k] = v.detach().contiguous().cpu()
+    save_file(tensors, str(directory / FILE))
+    return {
+        "name": variant.name,
+        "n_weights": variant.n_weights,
+        "layer_specs": dict(variant.layer_specs),
+        "qlinear": {n: m.qtensor.metadata() for n, m in qlinears.items()},
+        "aliases": aliases,
+    }
+
+
+def load_variant(directory: Path, info: dict, ref_model: nn.Module) -> TorchVariant:
+    """The variant `save_variant` wrote, rebuilt on a deep copy of `ref_model`."""
+    from safetensors.torch import load_file
+
+    device = next(ref_model.parameters()).device
+    stored = load_file(str(directory / FILE), device=str(device))
+    stored.update({k: stored[v] for k, v in info["aliases"].items()})
+    model = copy.deepcopy(ref_model)
+    for name, meta in info["qlinear"].items():
+        prefix = name + "."
+        old = model.get_submodule(name)
+        parts = {k[len(prefix):]: stored.pop(k) for k in list(stored) if k.startswith(prefix)}
+        bias = parts.pop("bias", None)
+        if bias is None and getattr(old, "bias", None) is not None:
+            bias = old.bias
+        set_module(model, name, QLinear(QTensor.from_parts(meta, parts), bias))
+    missing = [k for k in stored if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"saved variant holds tensors the model lacks: {', '.join(missing[:4])}")
+    model.load_state_dict(stored, strict=False, assign=True)
+    return TorchVariant(
+        name=info["name"], model=model.eval(), n_weights=info["n_weights"], layer_specs=dict(info["layer_specs"])
+    )
