@@ -119,19 +119,33 @@ def cmd_list(a: argparse.Namespace) -> int:
     print()
     frows = []
     for name, f in formats().items():
-        cfg = f.config_type()
-        try:
-            bpw = f"{cfg.bits_per_weight((4096, 4096)):.3f}"
-        except (NotImplementedError, ValueError, SpecError):
-            bpw = "-"
-        frows.append([name, ", ".join(f"{n}: {t}" for n, t, _ in describe_params(f.config_type)), bpw])
-    print(tabulate(frows, headers=["format", "parameters", "bpw at defaults (4096x4096)"]))
+        params = ", ".join(f"{n}: {t}" for n, t, _ in describe_params(f.config_type))
+        for cfg in _format_examples(f.config_type):
+            try:
+                bpw = f"{cfg.bits_per_weight((4096, 4096)):.3f}"
+            except (NotImplementedError, ValueError):
+                bpw = "-"
+            frows.append([name, cfg.spec(), params, bpw])
+            params = ""
+    print(tabulate(frows, headers=["format", "spec", "parameters", "bits per weight (4096x4096)"]))
     print()
     backends = {"bitsandbytes": "bitsandbytes", "llama.cpp": "llama_cpp", "datasets (wikitext2)": "datasets"}
     print("optional backends: " + ", ".join(
         f"{k} {'installed' if importlib.util.find_spec(v) else 'missing'}" for k, v in backends.items()
     ))
     return 0
+
+
+def _format_examples(config_type: type) -> list:
+    """The default config of a format, or one per value of a required choice (gguf's type)."""
+    import typing
+
+    try:
+        return [config_type()]
+    except TypeError:
+        first = fields(config_type)[0]
+        choices = typing.get_args(typing.get_type_hints(config_type)[first.name])
+        return [config_type(**{first.name: c}) for c in choices]
 
 
 def cmd_report(a: argparse.Namespace) -> int:
