@@ -8,7 +8,7 @@ from quantbench.formats import quantize_tensor
 from quantbench.layers import LayerRule, QLinear, get_weight, iter_linears, quantize_layers, weight_bytes
 from quantbench.spec import SpecError
 
-from tests.conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 
 def test_conv1d_weight_is_read_in_linear_orientation():
