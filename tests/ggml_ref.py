@@ -106,3 +106,51 @@ def llama_quantize_types(path: str | Path, mixture: str) -> dict[str, tuple[tupl
             ne.pop()
         out[m["name"]] = (tuple(reversed(ne)), (m["new"] or m["cur"]).upper())
     return out
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def read_gguf(path: str | Path) -> dict[str, tuple[int, np.ndarray]]:
+    """{tensor name: (ggml type, its bytes)} of a GGUF file, read by libggml's own parser (fast:
+    gguf-py's reader spends seconds on tokenizer metadata). The bytes are a read-only memmap."""
+    lib = require_ggml()
+    if not hasattr(lib, "_gguf_ready"):
+        lib.gguf_init_from_file.restype = ctypes.c_void_p
+        lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+        for name, res in (("gguf_get_n_tensors", ctypes.c_int64), ("gguf_get_data_offset", ctypes.c_size_t)):
+            getattr(lib, name).restype, getattr(lib, name).argtypes = res, [ctypes.c_void_p]
+        for name, res in (("gguf_get_tensor_name", ctypes.c_char_p), ("gguf_get_tensor_type", ctypes.c_int),
+                          ("gguf_get_tensor_offset", ctypes.c_size_t), ("gguf_get_tensor_size", ctypes.c_size_t)):
+            getattr(lib, name).restype, getattr(lib, name).argtypes = res, [ctypes.c_void_p, ctypes.c_int64]
+        lib.gguf_free.argtypes = [ctypes.c_void_p]
+        lib._gguf_ready = True
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    assert ctx, f"libggml cannot read {path}"
+    try:
+        base = lib.gguf_get_data_offset(ctx)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        out = {}
+        for i in range(lib.gguf_get_n_tensors(ctx)):
+            start = base + lib.gguf_get_tensor_offset(ctx, i)
+            out[lib.gguf_get_tensor_name(ctx, i).decode()] = (
+                lib.gguf_get_tensor_type(ctx, i), data[start : start + lib.gguf_get_tensor_size(ctx, i)]
+            )
+        return out
+    finally:
+        lib.gguf_free(ctx)
+
+
+def llama_quantize_file(src: str | Path, dst: str | Path, mixture: str, nthread: int = 2) -> None:
+    """Run llama.cpp's quantizer for real (requantizing a quantized source is allowed)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[mixture])
+    params.allow_requantize = True
+    params.nthread = nthread
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed for {mixture}"

@@ -1,7 +1,11 @@
 """ggml's first block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, 32 weights per block.
 
-Byte-identical to gguf-py's `gguf.quants.quantize` (which is itself bit-exact with llama.cpp's
-`quantize_row_q*_ref` in ggml-quants.c) and, on the way back, to `gguf.quants.dequantize`.
+Byte-identical to llama.cpp's `quantize_row_q*_ref` (ggml-quants.c) and to gguf-py's
+`gguf.quants.quantize`, which mirrors them, and on the way back to `gguf.quants.dequantize`. The
+one place the two references disagree is a block whose largest, smallest or largest-magnitude
+value is a zero and that holds -0.0: ggml's scan keeps the first zero it meets (or +0), numpy's
+min/argmax may return the other, and the stored zero scale or minimum differs in its sign bit.
+We follow ggml there. Blocks so small that 1/d overflows get codes 0, as in both references.
 One scale per block, stored as fp16; the `_1` types add an fp16 minimum (an offset):
 
     Q8_0  (34 B)  | d f16 | qs int8[32] |                               w = d * q
@@ -36,7 +40,7 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 def _codes(x: torch.Tensor, offset: torch.Tensor | None, inv: torch.Tensor, add: float, top: int) -> torch.Tensor:
     """C's `MIN(top, (int8_t)((x - offset) * inv + add))` for values >= 0, as uint8 codes.
 
-    The float-to-uint8 conversion truncates toward zero, as C's cast does. Where 1/d overflowed
+    The float-to-int8 conversion truncates toward zero, as C's cast does. Where 1/d overflowed
     (a block of denormal-small weights) the value is inf or NaN and C's conversion yields 0
     (x86's "integer indefinite" 0x80000000 has a zero low byte); gguf-py's numpy cast agrees.
     """

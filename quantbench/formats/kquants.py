@@ -38,7 +38,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .ggml_codec import BlockCodec, f16_bytes, fdiv, f16_value, nearest_int, or_fields, register_codec, split_fields
-from .kquants_search import first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants, seq_sum
+from .kquants_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants, seq_sum
 
 
 def _element_major(x: torch.Tensor, sub: int) -> torch.Tensor:
@@ -142,7 +142,8 @@ def _q4k_weights(xt: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(fdiv(seq_sum(xt * xt), 32).double()).float() + xt.abs()
 
 
-def _k4_quantize(x: torch.Tensor, nmax: int, search: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _k4_quantize(x: torch.Tensor, nmax: int, search: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: (d, dmin, scales) bytes (B, 16), codes (B, 256), their low nibbles packed (B, 128)."""
     L, sc, mn, d, dmin = _qkx_superblock(x, 32, 6, nmax, _q4k_weights, search)
     low = or_fields((L & 0xF).reshape(-1, 4, 2, 32), 4).reshape(-1, 128)
     return torch.cat([d, dmin, _pack_scale_min_k4(sc, mn)], dim=1), L, low
@@ -237,7 +238,7 @@ class Q6_K(BlockCodec):
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         scales = scales.reshape(B, 16)
         max_abs, max_scale = first_absmax(scales.T)
-        blank = max_abs < 1e-15  # GROUP_MAX_EPS: the whole super-block is stored as zeros
+        blank = max_abs < GROUP_MAX_EPS  # the whole super-block is stored as zeros
         iscale = fdiv(-128.0, torch.where(blank, torch.ones_like(max_scale), max_scale))
         d_bytes = f16_bytes(fdiv(1.0, iscale))
         sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)  # (B, 16) in [-128, 127]

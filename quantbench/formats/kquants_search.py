@@ -1,11 +1,12 @@
 """The scale searches of ggml's k-quants (Kawrakow, llama.cpp PR #1684, ggml-quants.c), vectorised.
 
-Each function here is one of ggml's per-sub-block searches, run on all sub-blocks at once and on
-all candidate scales at once. They take the sub-blocks element-major, `x` of shape (n, S): n
-weights (16 or 32) of S sub-blocks, so that the loops ggml runs over the n weights of a sub-block
-(running sums, the coordinate descent of make_q3_quants) become n steps on contiguous (S,) or
-(C, S) slices. Sums are accumulated in float32 in ggml's order (`seq_sum`), never by a tree
-reduction: ggml's sums are sequential and the chosen scale depends on their last bit.
+Each function here is one of ggml's per-sub-block searches, run on all sub-blocks at once. They
+take the sub-blocks element-major, `x` of shape (n, S): n weights (16 or 32) of S sub-blocks, so
+that the loops ggml runs over the n weights of a sub-block (running sums, the coordinate descent
+of make_q3_quants) become n steps on contiguous (S,) slices. Sums are accumulated in float32 in
+ggml's order (`seq_sum`), never by a tree reduction: ggml's sums are sequential and the chosen
+scale depends on their last bit. The candidate scales are tried in ggml's order too, because
+each one is compared with (and, in make_qkx2_quants, rounded against) the best before it.
 
 Rounding: `torch.round` (halves to even) where ggml calls `nearest_int` on a value bounded by
 construction (|iscale * x| <= nmax + 1); ggml's exact `nearest_int` where it is not.

@@ -215,6 +215,14 @@ def test_device(t, device):
     assert torch.equal(q.dequantize().cpu(), quantize_tensor(w, f"gguf:{t}").dequantize())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("t", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_input_dtypes(t, dtype):
+    """Weights of any float dtype are quantized from their float32 values (exact for fp16/bf16)."""
+    w = torch.from_numpy(CASES["normal"]).to(dtype)
+    assert torch.equal(quantize_tensor(w, f"gguf:{t}").blocks, quantize_tensor(w.float(), f"gguf:{t}").blocks)
+
+
 def test_from_blocks_checks_shape():
     with pytest.raises(ValueError, match="expected uint8 blocks of shape"):
         GGUFQTensor.from_blocks(torch.zeros(4, 17, dtype=torch.uint8), "Q4_0", (4, 32))

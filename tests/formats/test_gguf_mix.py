@@ -230,3 +230,33 @@ def test_errors():
     # a tied output whose rows fit no 32-block: Q8_0 has no fallback in llama.cpp either
     with pytest.raises(SpecError, match="llama.cpp defines no fallback for Q8_0"):
         tensor_types("Q6_K", {"token_embd.weight": (1000, 100)})
+
+
+@pytest.mark.slow  # llama.cpp quantizes the 135M model, then we do: ~30 s
+def test_embedded_model_q4_k_m_same_bytes_as_llama_cpp(tmp_path):
+    """End to end: llama.cpp's own Q4_K_M of the embedded model (requantized from its Q4_1 file)
+    and ours of the same weights (the file's tensors dequantized as llama.cpp dequantizes them,
+    each quantized to the type `tensor_types` gives it) agree on every tensor's type and bytes."""
+    from quantbench import quantize_tensor
+    from quantbench.sources.models import embedded_gguf_path
+
+    src = ggml_ref.read_gguf(embedded_gguf_path())
+    ggml_ref.llama_quantize_file(embedded_gguf_path(), tmp_path / "q4_k_m.gguf", "Q4_K_M")
+    theirs = ggml_ref.read_gguf(tmp_path / "q4_k_m.gguf")
+    shapes = smollm2_tensors()
+    types = tensor_types("Q4_K_M", shapes, n_layers=30)
+    assert set(src) == set(theirs) == set(shapes)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (qtype, data) in src.items():
+            their_type, their_bytes = theirs[name]
+            assert gguf.GGMLQuantizationType(their_type).name == types[name], name
+            if types[name] == "F32":
+                assert np.array_equal(their_bytes, data), name
+                continue
+            w = gguf.quants.dequantize(np.asarray(data).reshape(shapes[name][0], -1), gguf.GGMLQuantizationType(qtype))
+            ours = quantize_tensor(torch.from_numpy(w), f"gguf:{types[name]}").blocks.numpy()
+            assert np.array_equal(ours.reshape(-1), their_bytes), name
+    finally:
+        torch.set_num_threads(n)
