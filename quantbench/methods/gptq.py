@@ -5,7 +5,7 @@ Generative Pre-trained Transformers" (ICLR 2023, arXiv:2210.17323). Reference: I
 For a linear layer with weight W (out, in) and inputs X (T, in), GPTQ minimises ||W X^T - Q X^T||^2
 one input column at a time: quantize column i, then spread its error over the columns not yet
 quantized, weighted by the inverse Hessian H^-1 = (2 X^T X)^-1 (Optimal Brain Quantization with a
-fixed column order). The inverse is taken once, through its upper Cholesky factor, which holds for
+fixed column order; any positive multiple of H gives the same result, and X^T X / T is used here). The inverse is taken once, through its upper Cholesky factor, which holds for
 every column the rows of H^-1 that OBQ would recompute (the paper's "Cholesky reformulation").
 Columns go in blocks of 128 whose error is applied to the later columns in one matrix product
 (the "lazy batch" updates). Options from the reference: dampening (a fraction of the mean
@@ -15,7 +15,8 @@ from the unquantized weights, so act_order keeps contiguous groups).
 
 The algorithm only chooses codes; choosing scales and zeros, rounding and bit packing are the
 integer format's (`quantbench.formats.integer`: choose_qparams, quantize_codes, dequantize_codes,
-pack), so a GPTQ weight stores exactly like an RTN one. One deliberate difference from the
+pack), so a GPTQ weight stores exactly like an RTN one, rounded the same way (torch.round: halves
+to even). One deliberate difference from the
 reference: the parameters of a group are chosen from the group's columns as they are when the
 group starts, all error feedback applied; the reference reads the block-start copy (the two agree
 when the group size equals the block size).
@@ -172,7 +173,8 @@ def gptq_quantize_shared(
     out, a = [], 0
     for w in weights:
         b = a + w.shape[0]
-        out.append(pack(codes[a:b], QParams(qp.scale[a:b], qp.zero[a:b]), cfg, w.dtype, g_idx))
+        gi = None if g_idx is None else g_idx.clone()  # each layer stores its own
+        out.append(pack(codes[a:b], QParams(qp.scale[a:b], qp.zero[a:b]), cfg, w.dtype, gi))
         a = b
     return out
 

@@ -105,6 +105,8 @@ def test_weights_sharing_an_input_quantize_together_as_alone(cfg):
     opts = GPTQOptions(act_order=True)
     together = gptq_quantize_shared(ws, H, cfg, opts)
     assert all(a.equal(gptq_quantize(w, H, cfg, opts)) for a, w in zip(together, ws))
+    ptrs = [t.data_ptr() for q in together for t in q.tensors().values()]
+    assert len(set(ptrs)) == len(ptrs)  # nothing shared: each layer's bytes are its own
 
 
 def test_dead_inputs_get_zero_weight():
