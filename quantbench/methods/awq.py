@@ -17,14 +17,16 @@ How this differs from the reference, and why:
   calibration token as tr(E G E^T) with G = X^T X / T and E the weight error; the reference runs the
   whole attention (for q, k, v) or MLP (for gate, up) module on each grid point. The Gram form makes
   the 20-point search a handful of matrix products, so AWQ stays within a few forward passes on a
-  CPU; the clip search uses the same G (the reference subsamples 512 tokens).
+  CPU. The scale search sums that error over 256 evenly spaced output rows of the group (`rows`;
+  every row sees the same s, and 0 means all rows); the clip search, one choice per row and group,
+  uses every row, with the same G (the reference subsamples 512 tokens).
 - Blocks are calibrated sequentially like GPTQ (each block sees the outputs of the already-quantized
   blocks before it); the reference feeds each block the float outputs of the previous one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -99,11 +101,16 @@ def grid_scales(x_mean: torch.Tensor, alphas: list[float]) -> torch.Tensor:
     return s / (s.amax(1, keepdim=True) * s.amin(1, keepdim=True)).sqrt()
 
 
-def search_scale(W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, cfg: IntConfig, alphas: list[float]) -> torch.Tensor:
+def search_scale(
+    W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, cfg: IntConfig, alphas: list[float], rows: int = 0
+) -> torch.Tensor:
     """The s (in,) among the grid that minimises tr(E G E^T), E = Q(W s) / s - W.
 
     W (out, in) float32: the group's weights stacked by rows; G (in, in) the Gram of its input;
-    x_mean (in,) mean |x| per input channel."""
+    x_mean (in,) mean |x| per input channel. `rows` > 0 evaluates the loss on that many evenly
+    spaced rows of W (the loss is a sum over rows, and every row sees the same s)."""
+    if 0 < rows < W.shape[0]:
+        W = W[torch.linspace(0, W.shape[0] - 1, rows, device=W.device).round().long()]
     S = grid_scales(x_mean, alphas)  # (A, in)
     losses = []
     chunk = max(1, (1 << 24) // W.numel())  # alphas per batch: bounded memory
@@ -121,18 +128,19 @@ def search_clip(W: torch.Tensor, G: torch.Tensor, cfg: IntConfig, steps: int = 1
     out, n = W.shape
     gs = cfg.group_size(n)
     ng = n // gs
-    Wg = W.view(out, ng, gs)
-    Gb = G.view(ng, gs, ng, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (ng, gs, gs) diagonal blocks
-    org_max = Wg.abs().amax(-1, keepdim=True)  # (out, ng, 1)
+    per_group = replace(cfg, group=gs)  # each (row, group) is quantized on its own either way
+    Wg = W.view(out, ng, gs).transpose(0, 1).contiguous()  # (ng, out, gs)
+    Gb = G.view(ng, gs, ng, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # (ng, gs, gs)
+    org_max = Wg.abs().amax(-1, keepdim=True)  # (ng, out, 1)
     best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
     for i in range(steps):
         m = org_max * (1 - i / grid)
-        E = fake_quant(torch.clamp(Wg, -m, m).view(out, n), cfg).view(out, ng, gs) - Wg
-        err = ((E.transpose(0, 1) @ Gb).transpose(0, 1) * E).sum(-1, keepdim=True)  # (out, ng, 1)
+        E = fake_quant(torch.clamp(Wg, -m, m).view(-1, gs), per_group).view(ng, out, gs) - Wg
+        err = (torch.bmm(E, Gb) * E).sum(-1, keepdim=True)  # (ng, out, 1)
         better = err < best_err
         best_max = torch.where(better, m, best_max)
         best_err = torch.where(better, err, best_err)
-    return torch.clamp(Wg, -best_max, best_max).view(out, n)
+    return torch.clamp(Wg, -best_max, best_max).transpose(0, 1).reshape(out, n)
 
 
 def fold_scale(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
@@ -167,6 +175,7 @@ class AWQConfig:
     grid: int = 20  # alpha in {i / grid}, i = 0..grid-1
     alpha: float | None = None  # a fixed exponent instead of the search (0 means no scaling)
     clip: bool = True
+    rows: int = 256  # output rows the scale search's loss is evaluated on; 0: all
 
     def __post_init__(self) -> None:
         self.int_config()
@@ -174,6 +183,8 @@ class AWQConfig:
             raise SpecError("awq: group=-1 (per tensor) is not supported; use 0 (per channel) or a group size")
         if self.grid < 1:
             raise SpecError(f"awq: grid={self.grid} is not valid; use a positive number of points, e.g. 20")
+        if self.rows < 0:
+            raise SpecError(f"awq: rows={self.rows} is not valid; use 0 (all rows) or a positive number")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise SpecError(f"awq: alpha={self.alpha} is not valid; use a number in [0, 1]")
 
@@ -207,7 +218,7 @@ def awq_model(model: nn.Module, calib: Calibration, cfg: AWQConfig, rule: LayerR
                 continue
             G, x_mean = seen[chosen[0]]
             W = torch.cat([get_weight(block.linear(rel)).float() for rel in chosen])
-            s = search_scale(W, G, x_mean, icfg, cfg.alphas())
+            s = search_scale(W, G, x_mean, icfg, cfg.alphas(), cfg.rows)
             fold_scale(block.module, group, s)
             inv_s.update({rel: s for rel in group.linears})
         for rel in block.linears:

@@ -5,7 +5,7 @@ Generative Pre-trained Transformers" (ICLR 2023, arXiv:2210.17323). Reference: I
 For a linear layer with weight W (out, in) and inputs X (T, in), GPTQ minimises ||W X^T - Q X^T||^2
 one input column at a time: quantize column i, then spread its error over the columns not yet
 quantized, weighted by the inverse Hessian H^-1 = (2 X^T X)^-1 (Optimal Brain Quantization with a
-fixed column order). The inverse is taken once, through its upper Cholesky factor, which holds for
+fixed column order; any positive multiple of H gives the same result, and X^T X / T is used here). The inverse is taken once, through its upper Cholesky factor, which holds for
 every column the rows of H^-1 that OBQ would recompute (the paper's "Cholesky reformulation").
 Columns go in blocks of 128 whose error is applied to the later columns in one matrix product
 (the "lazy batch" updates). Options from the reference: dampening (a fraction of the mean
@@ -15,7 +15,8 @@ from the unquantized weights, so act_order keeps contiguous groups).
 
 The algorithm only chooses codes; choosing scales and zeros, rounding and bit packing are the
 integer format's (`quantbench.formats.integer`: choose_qparams, quantize_codes, dequantize_codes,
-pack), so a GPTQ weight stores exactly like an RTN one. One deliberate difference from the
+pack), so a GPTQ weight stores exactly like an RTN one, rounded the same way (torch.round: halves
+to even). One deliberate difference from the
 reference: the parameters of a group are chosen from the group's columns as they are when the
 group starts, all error feedback applied; the reference reads the block-start copy (the two agree
 when the group size equals the block size).
@@ -160,6 +161,24 @@ def gptq_quantize(
     return pack(codes, qp, cfg, dtype or W.dtype, g_idx)
 
 
+def gptq_quantize_shared(
+    weights: list[torch.Tensor], H: torch.Tensor, cfg: IntConfig, opts: GPTQOptions = GPTQOptions()
+) -> list[IntQTensor]:
+    """GPTQ for several weights (out_k, in) that read the same input, so share H (q, k and v; gate
+    and up): one column loop over their stacked rows, one QTensor each. GPTQ never mixes rows, so
+    this equals quantizing each alone, with a third of the loop's per-column overhead."""
+    if len(weights) == 1 or cfg.group == -1:  # a per-tensor scale must not span the stack
+        return [gptq_quantize(w.float(), H, cfg, opts, dtype=w.dtype) for w in weights]
+    codes, qp, g_idx = gptq_codes(torch.cat([w.float() for w in weights]), H, cfg, opts)
+    out, a = [], 0
+    for w in weights:
+        b = a + w.shape[0]
+        gi = None if g_idx is None else g_idx.clone()  # each layer stores its own
+        out.append(pack(codes[a:b], QParams(qp.scale[a:b], qp.zero[a:b]), cfg, w.dtype, gi))
+        a = b
+    return out
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     bits: int = 4
@@ -197,27 +216,42 @@ def gptq_model(model: torch.nn.Module, calib: Calibration, cfg: GPTQConfig, rule
 
     Each block runs once: a pre-hook quantizes a layer on its first call, from the inputs it is
     being called with, and lets the call go on with the quantized weights; so each layer's inputs
-    come from the already-quantized layers before it (the reference's `--true-sequential`)."""
+    come from the already-quantized layers before it (the reference's `--true-sequential`).
+    Layers seen reading one input in the previous block (q, k, v) are quantized together when the
+    first of them is called; a later one whose input turns out different is redone alone."""
     names = rule.select(model)
     icfg, opts = cfg.int_config(), cfg.options()
     check_shapes(model, names, icfg)
     specs: dict[str, str] = {}
+    shared: dict[str, tuple[str, ...]] = {}  # layer -> the layers that read its input, last block
 
     def process(block: Block) -> torch.Tensor:
         hessian = PerInput(gram)
-        done = {}
+        done: dict[str, IntQTensor] = {}
+        fed: dict[str, torch.Tensor] = {}  # the input each layer was quantized for
+        seen: list[tuple[str, torch.Tensor]] = []
 
-        def quantize(rel: str, m: torch.nn.Module, x: torch.Tensor) -> None:
-            if rel in done:
+        def quantize(rel: str, _m: torch.nn.Module, x: torch.Tensor) -> None:
+            seen.append((rel, x))
+            if rel in done and fed[rel] is x:
                 return
-            w = get_weight(m)
-            done[rel] = gptq_quantize(w.float(), hessian(x), icfg, opts, dtype=w.dtype)
-            set_weight(m, done[rel].dequantize())
+            together = [r for r in shared.get(rel, ()) if r != rel and r in block.linears and r not in done]
+            members = [rel] + (together if rel not in done else [])
+            qs = gptq_quantize_shared([get_weight(block.linear(r)) for r in members], hessian(x), icfg, opts)
+            for r, q in zip(members, qs):
+                done[r], fed[r] = q, x
+                set_weight(block.linear(r), q.dequantize())
 
         with pre_hooks(block, quantize):
             out = block.forward()
+        by_input: dict[int, list[str]] = {}
+        for rel, x in seen:  # every x is still referenced by `seen`, so ids are unique
+            by_input.setdefault(id(x), []).append(rel)
+        shared.clear()
+        shared.update({rel: tuple(group) for group in by_input.values() for rel in group})
+        called = {rel for rel, _ in seen}
         for rel in block.linears:
-            if rel not in done:
+            if rel not in called:
                 raise SpecError(f"{block.full_name(rel)} was never called by its block; it cannot be calibrated")
             swap_in(block, rel, done[rel])
             specs[block.full_name(rel)] = icfg.spec()

@@ -78,6 +78,9 @@ def test_scale_search_minimises_the_exact_output_error():
     losses = [loss(row) for row in grid_scales(X.abs().mean(0), alphas)]
     assert loss(s) == pytest.approx(min(losses), rel=1e-4)
     assert loss(s) < losses[0]  # alpha = 0 is plain RTN; the inputs have loud channels
+    # on a sample of rows the search still lands near the best of the grid
+    sampled = search_scale(W, X.T @ X / len(X), X.abs().mean(0), cfg, alphas, rows=16)
+    assert loss(sampled) <= sorted(losses)[3]
 
 
 def test_clip_search_never_increases_the_group_error():

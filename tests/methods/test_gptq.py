@@ -11,7 +11,7 @@ from quantbench.formats import quantize_tensor
 from quantbench.formats.integer import IntConfig
 from quantbench.layers import QLinear
 from quantbench.methods import parse_method
-from quantbench.methods.gptq import GPTQOptions, gptq_quantize
+from quantbench.methods.gptq import GPTQOptions, gptq_quantize, gptq_quantize_shared
 from quantbench.spec import SpecError
 
 from .conftest import make_calib, mean_kl
@@ -93,6 +93,20 @@ def test_static_groups_keep_contiguous_groups():
     assert q.g_idx is None
     rtn = quantize_tensor(W, cfg)  # static groups take their parameters from the unquantized W
     assert torch.equal(q.scale, rtn.scale) and torch.equal(q.zero, rtn.zero)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: c.spec())
+def test_weights_sharing_an_input_quantize_together_as_alone(cfg):
+    """q, k and v read one input: one loop over their stacked rows gives each its own result."""
+    X = correlated_inputs(3, 256, 64)
+    H = X.T @ X / len(X)
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(o, 64, generator=g) for o in (16, 8, 24)]
+    opts = GPTQOptions(act_order=True)
+    together = gptq_quantize_shared(ws, H, cfg, opts)
+    assert all(a.equal(gptq_quantize(w, H, cfg, opts)) for a, w in zip(together, ws))
+    ptrs = [t.data_ptr() for q in together for t in q.tensors().values()]
+    assert len(set(ptrs)) == len(ptrs)  # nothing shared: each layer's bytes are its own
 
 
 def test_dead_inputs_get_zero_weight():
