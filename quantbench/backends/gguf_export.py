@@ -13,13 +13,14 @@ tensor, so a model is never held twice in memory. What goes in:
         bytes_per_row) uint8 tensor, and `ggml_type`) is written as those bytes with that type,
         unchanged: llama.cpp then runs exactly the weights quantbench made;
       - a `QLinear` of any other format is written dequantized, at `outtype`;
+      - `tensor_types` may name a ggml type for any float tensor (GGUF name -> "Q8_0", "Q6_K",
+        "F16", ...): it is then quantized on the way out by quantbench's `gguf` format, which is
+        byte-exact with libggml. This is how a whole llama.cpp mixture such as Q4_K_M, token
+        embedding included, is written from quantbench's own quantizers (`gguf_mix`);
       - GPT-2's `Conv1D` weights are written in `nn.Linear` orientation (out, in).
 
-Rotary layout (Llama): Hugging Face Llama checkpoints order each head's query/key rows as two
-halves (rotate_half), llama.cpp as interleaved pairs. convert_hf_to_gguf.py permutes the rows
-of q_proj and k_proj on the way to GGUF, and transformers' GGUF loader undoes it on load; we
-apply the same row permutation on export. It permutes whole rows only, so it applies to a row
-of ggml blocks as well as to a row of floats.
+Llama's query/key rows are permuted to llama.cpp's rotary layout on the way out, as
+convert_hf_to_gguf.py does (`gguf_arch`).
 
 Architectures: Llama (and models transformers loads as `llama`, e.g. SmolLM2) and GPT-2. Any
 other is refused with the list, rather than written into a file llama.cpp cannot run.
@@ -35,115 +36,22 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from gguf import (
+    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
-    MODEL_ARCH,
     MODEL_ARCH_NAMES,
     GGMLQuantizationType,
     GGUFWriter,
     LlamaFileType,
-    RopeScalingType,
     get_tensor_name_map,
 )
 from torch import nn
 
 from ..layers import Conv1D, QLinear
+from .gguf_arch import ARCHS, Arch, GGUFExportError  # noqa: F401  (GGUFExportError: re-exported)
 from .gguf_tokenizer import write_tokenizer
 
 OutType = Literal["f32", "f16", "bf16"]
-OUT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-}
-
-
-class GGUFExportError(ValueError):
-    """The model cannot be written as a GGUF file llama.cpp would run; the message says why."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one transformers architecture maps onto a llama.cpp architecture."""
-
-    gguf_arch: MODEL_ARCH
-    hparams: Callable[[GGUFWriter, Any], None]  # (writer, transformers config)
-    row_order: Callable[[str, Any], torch.Tensor | None] = lambda name, cfg: None  # GGUF name -> row permutation
-
-
-ARCHS: dict[str, Arch] = {}
-
-
-def register_arch(model_type: str, gguf_arch: MODEL_ARCH):
-    def deco(cls: type) -> type:
-        ARCHS[model_type] = Arch(gguf_arch, cls.hparams, getattr(cls, "row_order", Arch.row_order))
-        return cls
-
-    return deco
-
-
-def rope_row_order(n_rows: int, n_head: int) -> torch.Tensor:
-    """Row permutation from Hugging Face's rotary layout to llama.cpp's, per head.
-
-    Each head's rows [x_0 .. x_{d/2-1} | y_0 .. y_{d/2-1}] become [x_0, y_0, x_1, y_1, ...]:
-    `w_gguf = w_hf[order]` (convert_hf_to_gguf.py's `LlamaModel.permute`).
-    """
-    head_dim = n_rows // n_head
-    return torch.arange(n_rows).reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(-1)
-
-
-@register_arch("llama", MODEL_ARCH.LLAMA)
-class _Llama:
-    @staticmethod
-    def hparams(w: GGUFWriter, cfg: Any) -> None:
-        if cfg.hidden_act != "silu":
-            raise GGUFExportError(f"llama with hidden_act={cfg.hidden_act!r}: llama.cpp's llama runs SiLU only")
-        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads or cfg.num_attention_heads)
-        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)))
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_rope_dimension_count(head_dim)
-        if head_dim != cfg.hidden_size // cfg.num_attention_heads:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_vocab_size(cfg.vocab_size)
-        if rope_type == "linear":
-            w.add_rope_scaling_type(RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(rope["factor"]))
-        elif rope_type != "default":
-            raise GGUFExportError(f"llama with rope_type={rope_type!r}: quantbench exports default and linear rope only")
-
-    @staticmethod
-    def row_order(name: str, cfg: Any) -> torch.Tensor | None:
-        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads or cfg.num_attention_heads}
-        kind = name.split(".")[-2]  # blk.N.attn_q.weight -> attn_q
-        if kind not in heads:
-            return None
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return rope_row_order(heads[kind] * head_dim, heads[kind])
-
-
-@register_arch("gpt2", MODEL_ARCH.GPT2)
-class _GPT2:
-    @staticmethod
-    def hparams(w: GGUFWriter, cfg: Any) -> None:
-        if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise GGUFExportError(f"gpt2 with activation {cfg.activation_function!r}: llama.cpp's gpt2 runs tanh GELU only")
-        if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
-            raise GGUFExportError("gpt2 with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn: llama.cpp has neither")
-        w.add_context_length(cfg.n_positions)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_head_count(cfg.n_head)
-        w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
-        w.add_vocab_size(cfg.vocab_size)
+OUT_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16}
 
 
 @dataclass
@@ -173,7 +81,7 @@ def _float_tensor(t: torch.Tensor, ggml_type: GGMLQuantizationType, order: torch
     return data
 
 
-def _plan(model: nn.Module, arch: Arch, outtype: OutType) -> list[_Tensor]:
+def _plan(model: nn.Module, arch: Arch, outtype: OutType, types: dict[str, str]) -> list[_Tensor]:
     cfg = model.config
     names = get_tensor_name_map(arch.gguf_arch, cfg.num_hidden_layers if hasattr(cfg, "num_hidden_layers") else cfg.n_layer)
     seen: set[int] = set()  # storages already written: a tied output head shares the embedding's
@@ -195,25 +103,65 @@ def _plan(model: nn.Module, arch: Arch, outtype: OutType) -> list[_Tensor]:
             if gname is None:
                 raise GGUFExportError(f"tensor {full!r} has no GGUF name for llama.cpp's {MODEL_ARCH_NAMES[arch.gguf_arch]}")
             order = arch.row_order(gname, cfg)
-            plan.append(_entry(gname, mod_name, t, outtype, order))
+            plan.append(_entry(gname, mod_name, t, types.get(gname, outtype.upper()), order))
+    unknown = set(types) - {e.name for e in plan}
+    if unknown:
+        raise GGUFExportError(f"tensor_types names tensors the model does not have: {', '.join(sorted(unknown)[:5])}")
     return plan
 
 
-def _entry(gname: str, module: str, t: Any, outtype: OutType, order: torch.Tensor | None) -> _Tensor:
+def _entry(gname: str, module: str, t: Any, type_name: str, order: torch.Tensor | None) -> _Tensor:
+    """How tensor `t` (a float tensor or a QTensor) is written under GGUF name `gname`."""
     blocks = getattr(t, "blocks", None)
     if blocks is not None and hasattr(t, "ggml_type"):  # ggml blocks: written as they are
         b = blocks.detach()
+        qtype = GGMLQuantizationType(int(t.ggml_type))
+        if type_name.upper() not in (qtype.name, "F32", "F16", "BF16"):  # an explicit, different type
+            raise GGUFExportError(f"{gname} holds {qtype.name} blocks; it cannot be written as {type_name}")
 
-        def data() -> np.ndarray:
+        def raw() -> np.ndarray:
             return (b[order.to(b.device)] if order is not None else b).cpu().contiguous().numpy()
 
-        return _Tensor(gname, module, tuple(b.shape), np.dtype(np.uint8), b.numel(), GGMLQuantizationType(int(t.ggml_type)), data)
+        return _Tensor(gname, module, tuple(b.shape), np.dtype(np.uint8), b.numel(), qtype, raw)
     if not isinstance(t, torch.Tensor):
         t = t.dequantize()  # a QTensor of another format: its float weights
-    ggml_type = OUT_TYPES[outtype][0] if t.dim() >= 2 else GGMLQuantizationType.F32
-    size = 4 if ggml_type == GGMLQuantizationType.F32 else 2
-    np_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(ggml_type, np.int16)
-    return _Tensor(gname, module, tuple(t.shape), np.dtype(np_dtype), t.numel() * size, ggml_type, _float_tensor(t, ggml_type, order))
+    try:
+        qtype = GGMLQuantizationType[type_name.upper()]
+    except KeyError:
+        raise GGUFExportError(f"{gname}: {type_name!r} is not a ggml type") from None
+    if t.dim() < 2:  # norms and biases: F32, as llama.cpp keeps them
+        if type_name.upper() not in ("F32", "F16", "BF16"):
+            raise GGUFExportError(f"{gname} is 1-D; llama.cpp keeps 1-D tensors in float, not {type_name}")
+        qtype = GGMLQuantizationType.F32
+    if qtype in FLOAT_NP:
+        np_dtype = FLOAT_NP[qtype]
+        return _Tensor(gname, module, tuple(t.shape), np_dtype, t.numel() * np_dtype.itemsize, qtype, _float_tensor(t, qtype, order))
+    return _quantized_entry(gname, module, t, qtype, order)
+
+
+FLOAT_NP = {
+    GGMLQuantizationType.F32: np.dtype(np.float32),
+    GGMLQuantizationType.F16: np.dtype(np.float16),
+    GGMLQuantizationType.BF16: np.dtype(np.int16),  # raw bf16 bits
+}
+
+
+def _quantized_entry(gname: str, module: str, t: torch.Tensor, qtype: GGMLQuantizationType, order) -> _Tensor:
+    """A float tensor quantized on the way out by quantbench's `gguf` format."""
+    from ..formats import formats, quantize_tensor
+
+    if "gguf" not in formats():
+        raise GGUFExportError(f"writing {gname} as {qtype.name} needs quantbench's gguf format, which is not installed")
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = t.shape
+    if cols % block:
+        raise GGUFExportError(f"{gname}: rows of {cols} are not a whole number of {qtype.name} blocks ({block})")
+
+    def data() -> np.ndarray:
+        x = t.detach() if order is None else t.detach()[order.to(t.device)]
+        return quantize_tensor(x.float(), f"gguf:{qtype.name}").blocks.cpu().contiguous().numpy()
+
+    return _Tensor(gname, module, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size, qtype, data)
 
 
 def get_arch(model: nn.Module) -> Arch:
@@ -228,7 +176,7 @@ def get_arch(model: nn.Module) -> Arch:
 
 def _file_type(plan: list[_Tensor], outtype: OutType) -> LlamaFileType:
     quantized = {e.ggml_type for e in plan} - {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-    return LlamaFileType.GUESSED if quantized else OUT_TYPES[outtype][1]
+    return LlamaFileType.GUESSED if quantized else OUT_TYPES[outtype]
 
 
 def write_gguf(
@@ -238,16 +186,18 @@ def write_gguf(
     outtype: OutType = "f32",
     source_gguf: str | None = None,
     name: str | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Write `model` (a transformers causal LM, possibly with QLinear layers) to `path`.
 
-    `source_gguf`: the GGUF file the model was loaded from, whose tokenizer is copied. Returns
-    GGUF tensor name -> torch module name. The file appears only when complete.
+    `source_gguf`: the GGUF file the model was loaded from, whose tokenizer is copied.
+    `tensor_types`: GGUF tensor name -> ggml type name for float tensors (default: `outtype`).
+    Returns GGUF tensor name -> torch module name. The file appears only when complete.
     """
     if outtype not in OUT_TYPES:
         raise GGUFExportError(f"outtype {outtype!r} is not valid; choose one of {', '.join(OUT_TYPES)}")
     arch = get_arch(model)
-    plan = _plan(model, arch, outtype)
+    plan = _plan(model, arch, outtype, dict(tensor_types or {}))
     emb = model.get_input_embeddings().weight
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -60,7 +60,10 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
     try:
         r = GGUFReader(p)
     except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on bad bytes
-        raise GGUFFileError(f"{p} is not a valid GGUF file ({type(e).__name__}: {e})") from e
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        what = "is a corrupt or truncated GGUF file" if magic == b"GGUF" else "is not a GGUF file (no GGUF magic)"
+        raise GGUFFileError(f"{p} {what}: {type(e).__name__}: {e}") from e
     end = max((t.data_offset + int(t.n_bytes) for t in r.tensors), default=0)
     if end > size:
         raise GGUFFileError(f"{p} is truncated: its tensors need {end} bytes, the file has {size}")
@@ -80,7 +83,8 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
 class _Log:
     """libllama's log, kept in memory: quiet on success, quoted in errors on failure."""
 
-    lines: collections.deque[str] = collections.deque(maxlen=40)
+    ERROR = 3  # ggml_log_level GGML_LOG_LEVEL_ERROR
+    lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
     _callback = None
 
     @classmethod
@@ -90,15 +94,18 @@ class _Log:
         if cls._callback is None:
             @llama_cpp.llama_log_callback
             def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-                cls.lines.append(text.decode("utf-8", "replace"))
+                cls.lines.append((level, text.decode("utf-8", "replace")))
 
             cls._callback = callback  # referenced here so ctypes does not free it
             llama_cpp.llama_backend_init()
         llama_cpp.llama_log_set(cls._callback, ctypes.c_void_p(0))
+        cls.lines.clear()
 
     @classmethod
-    def tail(cls, n: int = 6) -> str:
-        return "".join(list(cls.lines)[-n:]).strip()
+    def tail(cls) -> str:
+        """The error lines logged since `install`, else the last few lines, on one line."""
+        errors = [t for level, t in cls.lines if level == cls.ERROR] or [t for _, t in list(cls.lines)[-4:]]
+        return " | ".join(t.strip() for t in errors if t.strip())
 
 
 def cores() -> int:
