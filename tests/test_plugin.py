@@ -12,6 +12,7 @@ import pytest
 
 import torch
 
+from quantbench import report
 from quantbench import results as R
 from quantbench.methods import parse_method
 from quantbench.pytest_plugin import variant_id
@@ -100,6 +101,12 @@ def test_matrix_ids_gates_results_and_warm_cache(pytester, tiny_model_dirs, tmp_
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0  # from pytest-benchmark
         assert r["weight_histogram"]["layer"] == "model.layers.0.self_attn.q_proj"
     first = {r["spec"]: r for r in doc["results"]}
+    paths = report.plots(doc, tmp_path / "plots")  # every plot and the generations side by side
+    assert {p.name for p in paths} == {"ppl_vs_bpw.png", "kld_vs_bpw.png", "weight_memory.png", "speed.png",
+                                       "weight_histograms.png", "generations.md"}
+    assert all(p.stat().st_size > 1000 for p in paths if p.suffix == ".png")
+    md = (tmp_path / "plots" / "generations.md").read_text()
+    assert md.count("| method") == 6 and "### factual: 'The capital of France is'" in md
     # Second run: every row and every variant comes from the cache, with the same figures.
     result, out = run(pytester)
     result.assert_outcomes(passed=len(SPECS) * 4)
