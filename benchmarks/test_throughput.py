@@ -17,7 +17,6 @@ from quantbench.variant import TorchVariant
 TARGET = 0.75
 
 
-@pytest.mark.smoke
 def test_reference_throughput(benchmark, qb_reference, qb_settings):
     ref = TorchVariant("reference", qb_reference.ref.model)
     window = qb_reference.windows[:1]  # (1, C), as the reference logits are computed

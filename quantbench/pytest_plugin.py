@@ -138,6 +138,9 @@ class QBState:
         from .run import Session
 
         if self._session is None or self._session[0] != model:
+            device = self.settings.run.device
+            if device.startswith("cuda") and not _cuda():
+                pytest.skip(f"--qb-device {device}: CUDA is not available here")
             self._session = None
             self._drop_variant()
             gc.collect()
@@ -203,12 +206,19 @@ class QBState:
         }
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _state(config: pytest.Config) -> QBState:
     return config.stash[STATE]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "smoke: a small benchmark that CI runs on every change")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.stash[STATE] = QBState(config)
     config.stash[WORKER_PAYLOADS] = []
     o = config.option
@@ -227,14 +237,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for spec in st.methods:
                 vid = variant_id(spec)
                 group = f"{model_id(model)}-{vid}" if per_variant else model_id(model)
-                marks = [pytest.mark.xdist_group(group)]
+                marks = [pytest.mark.xdist_group(group)] + ([pytest.mark.gpu] if st.run.device.startswith("cuda") else [])
                 if spec in st.smoke_methods:
                     marks.append(pytest.mark.smoke)
                 params.append(pytest.param(model, spec, marks=marks, id=f"{model_id(model)}-{vid}" if several else vid))
         metafunc.parametrize(["qb_model", "qb_spec"], params, scope="session")
     elif names & {"qb_reference", "qb_calibration", "qb_model"}:
         st = _state(metafunc.config).settings
-        params = [pytest.param(m, marks=[pytest.mark.xdist_group(model_id(m))], id=model_id(m)) for m in st.models]
+        gpu = [pytest.mark.gpu] if st.run.device.startswith("cuda") else []
+        params = [pytest.param(m, marks=[pytest.mark.xdist_group(model_id(m))] + gpu, id=model_id(m)) for m in st.models]
         metafunc.parametrize("qb_model", params, scope="session")
 
 
