@@ -1,9 +1,10 @@
-"""quantbench run | list | report | quantize
+"""quantbench run | list | report | quantize | cache
 
     quantbench run                                   # embedded model and text, default methods
     quantbench run --methods fp32,absmax:bits=8,granularity=channel --json out.json
     quantbench list
     quantbench report results/latest.json --markdown
+    quantbench cache list                            # what is cached, and whether each entry is whole
 """
 
 from __future__ import annotations
@@ -179,6 +180,22 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from . import cache
+
+    if a.action == "clear":
+        freed = cache.clear(a.kind)
+        print(f"cleared {cache.cache_dir()}{'/' + a.kind if a.kind else ''}: {freed / 1e6:.1f} MB freed")
+        return 0
+    rows = [[e.kind, e.digest[:12], e.label, f"{e.bytes / 1e6:.1f}", e.created, "ok" if e.ok else "CORRUPT (rebuilt on next use)"]
+            for e in cache.entries() if not a.kind or e.kind == a.kind]
+    print(f"cache: {cache.cache_dir()} (QUANTBENCH_CACHE_DIR); code version {cache.code_version()}")
+    print(tabulate(rows, headers=["kind", "key", "what", "MB", "created", "status"]) if rows else "empty")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .run import RunConfig
 
@@ -231,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--generations", action="store_true", help="also show the generated texts")
     rep.add_argument("--plots", metavar="DIR", help="write plots to DIR")
     rep.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("cache", help="list or clear the on-disk cache of reference logits, variants and rows")
+    c.add_argument("action", choices=["list", "clear"])
+    c.add_argument("--kind", choices=["reference", "variant", "row"], help="only entries of this kind")
+    c.set_defaults(func=cmd_cache)
     return p
 
 

@@ -49,11 +49,11 @@ def save_variant(variant: TorchVariant, ref_model: nn.Module, directory: Path) -
     from safetensors.torch import save_file
 
     qlinears = {n: m for n, m in variant.model.named_modules() if isinstance(m, QLinear)}
-    ref_sd = ref_model.state_dict()
+    ref_sd = _tensors(ref_model)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # tied tensors are stored once
     seen: dict[tuple, str] = {}
-    for k, v in variant.model.state_dict().items():
+    for k, v in _tensors(variant.model).items():
         in_q = k.rpartition(".")[0] in qlinears
         r = ref_sd.get(k)
         if not in_q and r is not None and r.dtype == v.dtype and r.shape == v.shape and torch.equal(r, v):
@@ -90,10 +90,26 @@ def load_variant(directory: Path, info: dict, ref_model: nn.Module) -> TorchVari
         if bias is None and getattr(old, "bias", None) is not None:
             bias = old.bias
         set_module(model, name, QLinear(QTensor.from_parts(meta, parts), bias))
-    missing = [k for k in stored if k not in model.state_dict()]
-    if missing:
-        raise ValueError(f"saved variant holds tensors the model lacks: {', '.join(missing[:4])}")
-    model.load_state_dict(stored, strict=False, assign=True)
+    params: dict[str, nn.Parameter] = {}
+    for k, t in stored.items():  # set each tensor in place of the reference's, tied ones to one object
+        owner, _, leaf = k.rpartition(".")
+        m = model.get_submodule(owner)
+        if leaf in m._parameters:
+            key = info["aliases"].get(k, k)
+            params.setdefault(key, nn.Parameter(stored[key], requires_grad=False))
+            m._parameters[leaf] = params[key]
+        elif leaf in m._buffers:
+            m._buffers[leaf] = t
+        else:
+            raise ValueError(f"saved variant holds {k}, which the model lacks")
     return TorchVariant(
         name=info["name"], model=model.eval(), n_weights=info["n_weights"], layer_specs=dict(info["layer_specs"])
     )
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied and non-persistent ones included (a cast also
+    changes non-persistent buffers such as rotary frequencies, which state_dict() leaves out)."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return {k: v.detach() for k, v in out.items()}

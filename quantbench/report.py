@@ -71,43 +71,25 @@ def render(doc: dict, markdown: bool = False) -> str:
     return "\n\n".join([header(doc), table(doc, fmt)])
 
 
+def generations_markdown(doc: dict) -> str:
+    """The generated texts side by side: one table per prompt, one row per variant."""
+    parts = []
+    rows = [r for r in doc["results"] if r.get("generations")]
+    for i, g0 in enumerate(rows[0]["generations"] if rows else []):
+        parts.append(f"### {g0['kind']}: {g0['prompt'].strip()!r}\n")
+        table = [[r["spec"], r["generations"][i]["text"].replace("\n", " ⏎ ").replace("|", "\\|").strip()] for r in rows]
+        parts.append(tabulate(table, headers=["method", "continuation"], tablefmt="github", disable_numparse=True))
+        parts.append("")
+    return "\n".join(parts)
+
+
 def plots(doc: dict, out_dir: str | Path) -> list[Path]:
-    """Perplexity and KL divergence against bits per weight, with the Pareto front marked."""
-    import matplotlib
+    """Every plot (quantbench/plots.py) and the generations side by side (generations.md)."""
+    from .plots import write_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in doc["results"] if r.get("bits_per_weight")]
-    paths = []
-    for key, label, fname in (
-        ("ppl", "perplexity", "ppl_vs_bpw.png"),
-        ("kld_mean", "mean KL divergence from the reference (nats)", "kld_vs_bpw.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-        pts = sorted((r["bits_per_weight"], r[key], r["spec"]) for r in rows if r.get(key) is not None)
-        front, best = [], math.inf
-        for x, y, s in pts:
-            if y < best:
-                front.append((x, y))
-                best = y
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
-        for x, y, s in pts:
-            ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:orange", label="Pareto front")
-            ax.legend()
-        if key == "kld_mean" and any(p[1] > 0 for p in pts):
-            ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_xlabel("bits per weight (all parameters, embeddings included)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{doc['model']['source']}: {label} vs size")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p)
-        plt.close(fig)
-        paths.append(p)
+    paths = write_plots(doc, out_dir)
+    if any(r.get("generations") for r in doc["results"]):
+        md = Path(out_dir) / "generations.md"
+        md.write_text(generations_markdown(doc))
+        paths.append(md)
     return paths
