@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -83,4 +84,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "qb-cache"))
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network
+# No test reaches the network. The pytest plugin imports transformers (and so huggingface_hub)
+# before this file runs, so the environment variable alone comes too late: set the constant too.
+os.environ["HF_HUB_OFFLINE"] = "1"
+huggingface_hub.constants.HF_HUB_OFFLINE = True
