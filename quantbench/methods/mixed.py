@@ -17,7 +17,7 @@ The algorithm prints nothing: the chosen width of every layer is in the variant'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def layer_sensitivity(
         logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
         hidden = [first_block_inputs(model, blocks[0], ids)]  # inputs of each block on the float model
         for block in blocks[:-1]:
-            hidden.append(hidden[-1].__class__(hidden[-1].run(block), hidden[-1].args, hidden[-1].kwargs))
+            hidden.append(replace(hidden[-1], hidden=hidden[-1].run(block)))
         for li, name in enumerate(names):
             i = int(name[len(prefix) + 1 :].split(".")[0])
             m = model.get_submodule(name)

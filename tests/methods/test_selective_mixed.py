@@ -7,7 +7,7 @@ import torch
 
 from quantbench.layers import QLinear
 from quantbench.methods import parse_method
-from quantbench.methods.mixed import choose_widths
+from quantbench.methods.mixed import choose_widths, layer_sensitivity
 from quantbench.methods.selective import inner_spec
 from quantbench.spec import SpecError
 
@@ -94,6 +94,25 @@ def test_mixed_meets_the_budget_from_stored_bytes(tiny_ref):
     assert v.layer_specs == {k: m.qtensor.config.spec() for k, m in q.items()}
     rtn3 = parse_method("int:bits=3,group=32,sym=false").build(tiny_ref, None)
     assert mean_kl(tiny_ref.model, v.model, ids) < mean_kl(tiny_ref.model, rtn3.model, ids)
+
+
+def test_sensitivity_from_cached_block_inputs_equals_the_whole_model(tiny_ref):
+    """Running only the blocks from the layer's own onward gives the KL of the whole model."""
+    import copy
+
+    from quantbench.formats import quantize_tensor
+    from quantbench.formats.integer import IntConfig
+    from quantbench.layers import get_weight, set_weight
+
+    model, ids = tiny_ref.model, make_calib(2, 32).input_ids
+    names = [n for n in quantized(parse_method("int:bits=2,group=32").build(tiny_ref, None).model)]
+    name, cfg = names[-3], IntConfig(bits=2, sym=False, group=32)
+    sens, cost = layer_sensitivity(model, ids, [name], [cfg])
+    direct = copy.deepcopy(model)
+    q = quantize_tensor(get_weight(model.get_submodule(name)), cfg)
+    set_weight(direct.get_submodule(name), q.dequantize())
+    assert sens[0, 0].item() == pytest.approx(mean_kl(model, direct, ids), rel=1e-4, abs=1e-9)
+    assert cost[0, 0].item() == q.nbytes
 
 
 def test_mixed_errors(tiny_ref):
