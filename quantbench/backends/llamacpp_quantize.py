@@ -8,7 +8,8 @@
     llamacpp:type=IQ2_XS,imatrix=calib     with one measured on quantbench's calibration tokens
     llamacpp:type=source                   the GGUF file the reference was loaded from, unchanged
     ...,keep=PATH                          keep the GGUF file at PATH; otherwise every temporary
-                                           file is deleted when the variant is closed
+                                           file is deleted when the variant is closed (and the
+                                           next build removes those of runs that were killed)
 
 `type` is any llama.cpp file type (llama.h's `llama_ftype`, the names `llama-quantize` accepts:
 Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K, IQ4_NL, ...). The mixture of tensor types a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -108,6 +110,31 @@ def _imatrix(cfg: LlamaCppConfig, ref: Reference, calib: Calibration | None, nam
     return from_calibration(ref.model, calib.input_ids, weights)
 
 
+TMP_PREFIX = "quantbench-llamacpp-"
+
+
+def sweep_stale_temporaries() -> list[Path]:
+    """Remove temporary directories left by runs that were killed before they could clean up
+    (their names carry the pid of the process that made them); returns what was removed."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid = d.name.removeprefix(TMP_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def build_llamacpp(ref: Reference, cfg: LlamaCppConfig, calib: Calibration | None) -> LlamaCppVariant:
     name = format_config(cfg, "llamacpp")
     vocab = ref.model.get_input_embeddings().weight.shape[0]
@@ -116,7 +143,8 @@ def build_llamacpp(ref: Reference, cfg: LlamaCppConfig, calib: Calibration | Non
         if not ref.info.gguf_file:
             raise SpecError(f"llamacpp:type=source needs a reference loaded from a .gguf file; {ref.info.source!r} is not")
         return LlamaCppVariant(ref.info.gguf_file, name, **common)
-    tmp = Path(tempfile.mkdtemp(prefix="quantbench-llamacpp-"))
+    sweep_stale_temporaries()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
     try:
         f32 = tmp / "model-F32.gguf"
         names = export_reference(ref, f32)  # GGUF tensor name -> torch module name

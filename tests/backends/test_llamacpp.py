@@ -102,6 +102,22 @@ def test_temporary_files_are_removed_on_close_unless_kept(tiny_refs, tmp_path, m
 
 
 @needs_llama_cpp
+def test_temporaries_of_killed_runs_are_swept(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from quantbench.backends.llamacpp_quantize import TMP_PREFIX, sweep_stale_temporaries
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    (tmp_path / f"{TMP_PREFIX}{int(dead)}-abc").mkdir()  # its process has exited: stale
+    (tmp_path / f"{TMP_PREFIX}{os.getpid()}-def").mkdir()  # ours, alive: kept
+    assert [p.name for p in sweep_stale_temporaries()] == [f"{TMP_PREFIX}{int(dead)}-abc"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{TMP_PREFIX}{os.getpid()}-def"]
+
+
+@needs_llama_cpp
 def test_corrupt_truncated_and_unknown_gguf_files_give_clear_errors(tiny_f32_gguf, tmp_path):
     from gguf import GGUFWriter
 

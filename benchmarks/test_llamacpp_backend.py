@@ -1,0 +1,138 @@
+"""Issue 5's bars for the llama.cpp backend, measured side by side in one run on the embedded model.
+
+* Speed: the harness's llama.cpp variant scores the evaluation windows at least 0.9x as fast as
+  llama-cpp-python driven directly (`Llama(logits_all=True)`, one `eval` per window, n_batch =
+  the window) on the same Q4_K_M file and the same windows; and the prefill speed the harness
+  reports (llama.cpp's own counters) is within 10% of that direct figure. Rounds alternate
+  direct / harness so both see the same machine load; the medians are compared.
+* Memory: the Q4_K_M variant's peak resident memory while it evaluates the windows, measured in
+  a fresh process, is at most 1.5x its file size plus the context's KV cache. "The variant's"
+  memory is the process's peak (VmHWM) minus its resident set just before the variant was
+  loaded, minus the logits it hands back (one (1, C, V) float32 window at a time), which belong
+  to the evaluation that asked for them.
+
+Run: python -m pytest benchmarks/test_llamacpp_backend.py  (about 2-4 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+
+from quantbench.backends.llamacpp import LlamaCppVariant, cores  # noqa: E402
+from quantbench.methods import parse_method  # noqa: E402
+from quantbench.sources import load_reference, load_text, split_tokens, tokenize  # noqa: E402
+from quantbench.sources.text import windows as eval_windows  # noqa: E402
+
+CONTEXT = 512
+N_WINDOWS = 4
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def q4km(tmp_path_factory):
+    """The embedded model's Q4_K_M (quantized by llama.cpp), its evaluation windows and KV size."""
+    ref = load_reference("smollm2-135m")
+    stream = tokenize(ref.tokenizer, load_text())
+    split = split_tokens(len(stream), CONTEXT, N_WINDOWS, 0, 0, seed=0)
+    wins = eval_windows(stream, split)  # (N_WINDOWS, CONTEXT)
+    path = tmp_path_factory.mktemp("llamacpp") / "q4_k_m.gguf"
+    parse_method(f"llamacpp:type=Q4_K_M,keep={path}").build(ref).close()
+    cfg = ref.model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = CONTEXT * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2  # K and V, f16
+    del ref
+    return path, wins, kv_bytes
+
+
+def _tokens_per_s(fn, wins: torch.Tensor) -> float:
+    t = time.perf_counter()
+    for w in wins:
+        fn(w)
+    return wins.numel() / (time.perf_counter() - t)
+
+
+def test_harness_speed_matches_llama_cpp_python(benchmark, q4km):
+    path, wins, _ = q4km
+    direct = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=CONTEXT, n_ubatch=CONTEXT, n_threads=cores(),
+                             n_threads_batch=cores(), logits_all=True, verbose=False)
+    ours = LlamaCppVariant(path, "llamacpp:type=Q4_K_M")
+
+    def run_direct(w: torch.Tensor) -> None:
+        direct.reset()
+        direct.eval(w.tolist())
+
+    def run_ours(w: torch.Tensor) -> None:
+        ours.logits(w[None])
+
+    try:
+        run_direct(wins[0]), run_ours(wins[0])  # warm-up: allocations, page faults of the mapped file
+        d, o = [], []
+        for _ in range(ROUNDS):
+            d.append(_tokens_per_s(run_direct, wins))
+            o.append(_tokens_per_s(run_ours, wins))
+        direct_tps, ours_tps = statistics.median(d), statistics.median(o)
+        reported = ours.own_speed(wins[:1], wins[:1, :16], 16)
+        benchmark.group = "llamacpp-prefill"
+        benchmark.pedantic(run_ours, args=(wins[0],), rounds=1, iterations=1)
+    finally:
+        direct.close()
+        ours.close()
+    ratio, reported_ratio = ours_tps / direct_tps, reported["prefill_tokens_per_s"] / direct_tps
+    benchmark.extra_info.update(direct_tokens_per_s=direct_tps, harness_tokens_per_s=ours_tps, ratio=ratio,
+                                reported_prefill_tokens_per_s=reported["prefill_tokens_per_s"],
+                                reported_decode_tokens_per_s=reported["decode_tokens_per_s"],
+                                reported_ratio=reported_ratio, threads=cores())
+    assert ratio >= 0.9, f"harness {ours_tps:.0f} tok/s vs llama-cpp-python direct {direct_tps:.0f} tok/s ({ratio:.2f}x)"
+    assert abs(reported_ratio - 1) <= 0.1, (
+        f"llama.cpp's counters report {reported['prefill_tokens_per_s']:.0f} tok/s, direct {direct_tps:.0f} tok/s "
+        f"({reported_ratio:.2f}x)"
+    )
+
+
+_MEASURE = r"""
+import json, sys, torch
+from quantbench.backends.llamacpp import LlamaCppVariant
+from quantbench.eval.memory import PeakRSS, rss_bytes
+path, wins = sys.argv[1], torch.load(sys.argv[2])
+before = rss_bytes()
+with PeakRSS() as peak:
+    v = LlamaCppVariant(path, "q4_k_m")
+    for w in wins:
+        out = v.logits(w[None])
+        del out
+print(json.dumps({"before": before, "peak": peak.bytes, "logits": wins.shape[1] * v.n_vocab * 4}))
+v.close()
+"""
+
+
+def test_peak_memory_within_one_and_a_half_file_sizes_plus_kv(benchmark, q4km, tmp_path):
+    path, wins, kv_bytes = q4km
+    torch.save(wins, tmp_path / "wins.pt")
+    root = Path(__file__).resolve().parents[1]
+
+    def measure() -> dict:
+        out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(tmp_path / "wins.pt")], cwd=root,
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    benchmark.group = "llamacpp-memory"
+    m = benchmark.pedantic(measure, rounds=1, iterations=1)
+    variant = m["peak"] - m["before"] - m["logits"]
+    file_bytes = path.stat().st_size
+    bar = 1.5 * file_bytes + kv_bytes
+    benchmark.extra_info.update(variant_peak_bytes=variant, file_bytes=file_bytes, kv_bytes=kv_bytes,
+                                bar_bytes=bar, ratio_to_file=variant / file_bytes)
+    assert variant <= bar, (
+        f"Q4_K_M variant peaks at {variant / 2**20:.1f} MiB; bar 1.5 x {file_bytes / 2**20:.1f} MiB file "
+        f"+ {kv_bytes / 2**20:.1f} MiB KV = {bar / 2**20:.1f} MiB"
+    )
