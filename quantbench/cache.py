@@ -44,14 +44,19 @@ def cache_dir() -> Path:
     return Path(xdg) / "quantbench"
 
 
+# Modules that only present or gate figures: editing them leaves every cached figure valid.
+PRESENTATION = ("bench_config.py", "cli.py", "gates.py", "plots.py", "pytest_plugin.py", "report.py", "results.py")
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """quantbench's version and a hash of its source files: any edit to the package makes new keys."""
+    """quantbench's version and a hash of the source files that make figures (all but the
+    PRESENTATION modules): an edit to any of them makes new keys."""
     from . import __version__
 
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
+    for p in sorted(q for q in root.rglob("*.py") if q.relative_to(root).as_posix() not in PRESENTATION):
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"

@@ -225,3 +225,26 @@ def test_two_xdist_workers_match_one_process(pytester, tiny_model_dirs, tmp_path
         assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
     workers = {line for line in two.stdout.lines if "[gw0]" in line or "[gw1]" in line}
     assert any("[gw0]" in w for w in workers) and any("[gw1]" in w for w in workers)  # both did work
+
+
+@pytest.mark.parametrize(
+    "spec, family",
+    [
+        ("fp32", "reference"),
+        ("bf16", "16-bit"),
+        ("absmax:bits=8", "8-bit per-tensor"),
+        ("absmax:bits=8,granularity=channel", "8-bit"),
+        ("int:bits=6,group=64", "6-bit"),
+        ("int:bits=4,group=64,sym=false", "4-bit grouped"),
+        ("int:bits=4", "4-bit per-channel"),
+        ("int:bits=3,group=32", "3-bit grouped"),
+        ("int:bits=2,group=32", "2-bit"),
+    ],
+)
+def test_method_families_pick_the_default_thresholds(spec, family):
+    from quantbench import gates
+
+    fam, th = gates.thresholds_for(parse_method(spec), {})
+    assert fam == family and th == gates.DEFAULTS[family]
+    over = gates.thresholds_for(parse_method(spec), {family: {"kld_mean": 9.0}, str(parse_method(spec)): {"top1": 0.5}})[1]
+    assert (over.kld_mean, over.top1, over.ppl_ratio) == (9.0, 0.5, gates.DEFAULTS[family].ppl_ratio)
