@@ -29,7 +29,7 @@ from ..formats import quantize_tensor
 from ..formats.gguf_mix import DEFAULT_TYPE, Mixture, hf_tensor_types
 from ..layers import Conv1D, QEmbedding, QLinear, TiedQLinear, get_weight, iter_linears, set_module
 from ..sources import Calibration, Reference
-from ..spec import SpecError
+from ..spec import SpecError, format_config
 from . import copy_variant, register_method
 
 FLOAT_TYPES = ("F32", "F16")  # what the recipe leaves unquantized
@@ -106,4 +106,4 @@ class GGUFMix:
 
     @staticmethod
     def build(ref: Reference, cfg: GGUFMixConfig, calib: Calibration | None):
-        return copy_variant(ref, f"gguf-mix:{cfg.type}", lambda m: apply_mixture(m, cfg.type, ref.dtype))
+        return copy_variant(ref, format_config(cfg, "gguf-mix"), lambda m: apply_mixture(m, cfg.type, ref.dtype))
