@@ -183,7 +183,7 @@ def _gguf_row_order(blocks: np.ndarray, n_head: int) -> np.ndarray:
     return blocks.reshape(n_head, 2, rows // n_head // 2, -1).swapaxes(1, 2).reshape(blocks.shape)
 
 
-@pytest.mark.slow  # loads the 135M model, then llama.cpp and we quantize it: ~1 min
+@pytest.mark.slow  # loads the 135M model, then llama.cpp and we quantize it: ~5 min on a busy 2-core box
 def test_embedded_model_same_types_and_bytes_as_llama_cpp(tmp_path):
     from quantbench.formats.gguf_mix import gguf_name
     from quantbench.sources import load_reference
