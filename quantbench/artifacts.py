@@ -5,7 +5,9 @@
     DIR/model.safetensors      every parameter and buffer; QLinear layers as their QTensor's
                                tensors (`<layer>.codes`, `<layer>.scale`, ...)
     DIR/quantbench.json        what made it: model source and weights hash, method spec, and
-                               for each quantized layer its format, config, shape and dtype
+                               for each quantized layer its format, config, shape and dtype;
+                               quantized embeddings (QEmbedding) likewise, and output heads tied
+                               to one (TiedQLinear: no tensors of their own)
 
 `load_quantized(DIR)` rebuilds the architecture from config.json, puts a QLinear holding the
 stored QTensor in place of each quantized layer, and loads the rest: weights and logits equal the
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .formats.qtensor import QTensor
-from .layers import QLinear, set_module
+from .layers import QEmbedding, QLinear, TiedQLinear, set_module
 from .variant import TorchVariant
 
 MANIFEST = "quantbench.json"
@@ -52,6 +54,13 @@ def save_quantized(variant: TorchVariant, tokenizer, out_dir: str | Path, source
         for name, m in model.named_modules()
         if isinstance(m, QLinear)
     }
+    embeddings = {
+        name: m.qtensor.metadata() | {"padding_idx": m.padding_idx}
+        for name, m in model.named_modules()
+        if isinstance(m, QEmbedding)
+    }
+    names = {m: n for n, m in model.named_modules()}
+    tied = {name: names[m.embedding] for name, m in model.named_modules() if isinstance(m, TiedQLinear)}
     model.config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -62,6 +71,8 @@ def save_quantized(variant: TorchVariant, tokenizer, out_dir: str | Path, source
         "model": source,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": layers,
+        "embeddings": embeddings,
+        "tied_heads": tied,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if out.exists():
@@ -87,14 +98,22 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
+
+        def stored(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix) and k != prefix + "bias"}
+
         for name, meta in manifest["layers"].items():
             meta = dict(meta)
             has_bias = meta.pop("has_bias")
-            prefix = name + "."
-            tensors = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix) and k != prefix + "bias"}
-            q = QTensor.from_parts(meta, tensors)
-            bias = f.get_tensor(prefix + "bias") if has_bias else None
+            q = QTensor.from_parts(meta, stored(name + "."))
+            bias = f.get_tensor(name + ".bias") if has_bias else None
             set_module(model, name, QLinear(q, bias))
+        for name, meta in manifest.get("embeddings", {}).items():
+            meta = dict(meta)
+            padding_idx = meta.pop("padding_idx")
+            set_module(model, name, QEmbedding(QTensor.from_parts(meta, stored(name + ".")), padding_idx))
+        for name, emb in manifest.get("tied_heads", {}).items():
+            set_module(model, name, TiedQLinear(model.get_submodule(emb)))
     missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=False)
     if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
         raise ArtifactError(f"{d}: stored tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

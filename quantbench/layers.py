@@ -127,6 +127,71 @@ class QLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self._meta[0].spec()}"
 
 
+class QEmbedding(nn.Module):
+    """A token embedding whose (vocab, hidden) matrix is a QTensor, as in a GGUF file.
+
+    A lookup dequantizes only the rows it needs when the format stores rows independently
+    (`QTensor.select_rows`, e.g. every GGUF type: a row is a whole number of blocks); for any
+    other format it dequantizes the whole matrix on each call, which is correct but slow.
+    """
+
+    def __init__(self, q: QTensor, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx  # kept for code that reads it; the stored row is what it is
+        self._qtype = type(q)
+        self._meta = (q.config, tuple(q.shape), q.dtype)
+        for k, v in q.tensors().items():
+            self.register_buffer(k, v)
+
+    qtensor = QLinear.qtensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized float copy of the whole matrix (not stored)."""
+        return self.qtensor.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.qtensor
+        rows, inverse = torch.unique(ids, return_inverse=True)  # (k,), ids.shape
+        sub = q.select_rows(rows)
+        if sub is None:  # the format cannot split rows: dequantize everything
+            return nn.functional.embedding(ids, q.dequantize())
+        return sub.dequantize()[inverse]  # (*ids.shape, hidden)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self._meta[0].spec()}"
+
+
+class TiedQLinear(nn.Module):
+    """The output head of a model with tied embeddings, computing with the embedding's QTensor.
+
+    llama.cpp writes no output matrix for such a model and multiplies by token_embd; so does
+    this head. It holds a plain reference to the QEmbedding, not a submodule: the bytes live
+    (and are saved, moved and counted) once, in the embedding.
+    """
+
+    def __init__(self, embedding: QEmbedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not registered: no second copy
+        self.out_features, self.in_features = embedding.num_embeddings, embedding.embedding_dim
+        self.bias = None
+
+    @property
+    def qtensor(self) -> QTensor:
+        return self.embedding.qtensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qtensor.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"tied to the embedding, format={self.qtensor.config.spec()}"
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 

@@ -84,6 +84,11 @@ class GGUFQTensor(QTensor):
         """The `GGMLQuantizationType` of `blocks`, as a GGUF file's tensor info records it."""
         return self.config.ggml_type
 
+    def select_rows(self, rows: torch.Tensor) -> GGUFQTensor:
+        """Every row is a whole number of blocks, so a subset of rows is a GGUF tensor itself."""
+        blocks = self.blocks[rows]  # (k, bytes_per_row)
+        return GGUFQTensor(config=self.config, shape=(blocks.shape[0], self.shape[1]), dtype=self.dtype, blocks=blocks)
+
     @staticmethod
     def from_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType | str, shape: tuple[int, int],
                     dtype: torch.dtype = torch.float32) -> GGUFQTensor:

@@ -78,6 +78,11 @@ class QTensor:
 
         return get_format(self.config.name).dequantize(self).to(self.dtype)
 
+    def select_rows(self, rows: torch.Tensor) -> QTensor | None:
+        """The QTensor of the given rows only, for formats whose rows are stored independently
+        (a lookup table then dequantizes just those); None where rows share stored values."""
+        return None
+
     def to(self, device: torch.device | str) -> QTensor:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 

@@ -109,7 +109,7 @@ def copy_variant(ref: Reference, name: str, transform: Callable[[nn.Module], dic
 
 
 # Registration on import, in the order `quantbench list` shows them.
-from . import casts, rtn, llm_int8, gptq, awq, selective, mixed  # noqa: E402,F401
+from . import casts, rtn, llm_int8, gptq, awq, selective, mixed, gguf_mix  # noqa: E402,F401
 from ..backends import bnb, llamacpp_quantize  # noqa: E402,F401
 
 __all__ = ["Method", "MethodSpec", "copy_variant", "get_format", "get_method", "methods", "parse_method", "register_method"]
