@@ -36,6 +36,7 @@ is the device's.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,49 +147,83 @@ def _tables(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
 
 
 # -- 4-bit encoding ------------------------------------------------------------------------
-def _encode(scaled: torch.Tensor, tables) -> torch.Tensor:
-    """Codebook indices (uint8, flat) of float32 values already divided by their absmax."""
-    _, first, thr, order = tables
-    flat = scaled.reshape(-1)
-    key = torch.bitwise_and(flat.view(torch.int32) >> 16, 0xFFFF)  # top 16 bits of each float32
-    pos = torch.index_select(first, 0, key)
-    pos += flat > torch.index_select(thr, 0, key)
-    return pos if order is None else torch.index_select(order, 0, pos.int())
+class _Encoder:
+    """Codebook indices of float32 values already divided by their absmax, written into a
+    uint8 output; reuses its buffers (fresh allocations per chunk cost more than the math)."""
+
+    def __init__(self, tables, n: int, device: torch.device):
+        _, self.first, self.thr, self.order = tables
+        self.key = torch.empty(n, dtype=torch.int32, device=device)
+        self.mid = torch.empty(n, dtype=torch.float32, device=device)
+        self.up = torch.empty(n, dtype=torch.bool, device=device)
+
+    def __call__(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+        n = scaled.numel()
+        scaled = scaled.reshape(-1)
+        key, mid, up = self.key[:n], self.mid[:n], self.up[:n]
+        torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=key)
+        key.bitwise_and_(0xFFFF)  # the top 16 bits of each float32, as an index
+        torch.index_select(self.first, 0, key, out=out)
+        torch.index_select(self.thr, 0, key, out=mid)
+        torch.gt(scaled, mid, out=up)
+        out.add_(up)  # past the one midpoint inside the interval, if any
+        if self.order is not None:
+            out.copy_(torch.index_select(self.order, 0, out.int()))
 
 
 def _quantize_4bit(flat: torch.Tensor, block: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """bnb's blockwise 4-bit quantization of a flat float32 tensor: (codes (n,) uint8, absmax)."""
+    """bnb's blockwise 4-bit quantization of a flat float32 tensor: (packed (ceil(n / 2),)
+    uint8, absmax (n_blocks,) float32)."""
     n = flat.numel()
     full = n - n % block
-    codes = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)
-    absmax = []
-    # Full blocks, a chunk at a time so that the intermediates stay in cache.
-    chunk = max(block, _CHUNK)
-    for i in range(0, full, chunk):
-        x = flat[i : min(i + chunk, full)].view(-1, block)  # (b, block)
-        am = torch.linalg.vector_norm(x, float("inf"), dim=1)  # (b,) exact max |x|
-        # bnb multiplies by the reciprocal, then clamps to [-1, 1]; no clamp is needed here:
-        # |x * (1 / absmax)| <= 1 + 2**-23, whose top 16 bits are those of +-1.0.
-        scaled = x * (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
-        codes[i : i + x.numel()] = _encode(scaled, tables)
-        absmax.append(am)
+    packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=flat.device)
+    blocks = flat[:full].view(-1, block)  # (full / block, block)
+    absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)).abs()  # max |x|; abs: no -0.0
+    # bnb multiplies by the reciprocal, then clamps to [-1, 1]; no clamp is needed here:
+    # |x * (1 / absmax)| <= 1 + 2**-23, whose top 16 bits are those of +-1.0.
+    inv = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (full / block, 1)
+
+    def encode_blocks(start: int, stop: int, chunk: int) -> None:  # values [start, stop)
+        encode = _Encoder(tables, chunk, flat.device)
+        scaled = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+        codes = torch.empty(chunk, dtype=torch.uint8, device=flat.device)
+        for i in range(start, stop, chunk):
+            rows = slice(i // block, min(i + chunk, stop) // block)
+            s = scaled[: (rows.stop - rows.start) * block].view(-1, block)
+            torch.mul(blocks[rows], inv[rows], out=s)
+            c = codes[: s.numel()]
+            encode(s, c)
+            pack_nibbles(c, out=packed[i // 2 : (i + s.numel()) // 2])
+
+    if flat.is_cuda or full <= _CPU_CHUNK:
+        encode_blocks(0, full, max(full, block))
+    else:  # see _CPU_CHUNK: each worker thread runs its share of chunks, ops inline
+        workers = max(1, min(torch.get_num_threads(), full // _CPU_CHUNK))
+        share = -(-full // workers // _CPU_CHUNK) * _CPU_CHUNK
+        with ThreadPoolExecutor(workers) as pool:  # torch ops release the GIL
+            list(pool.map(lambda k: encode_blocks(k * share, min(full, (k + 1) * share), _CPU_CHUNK), range(workers)))
     if full < n:  # the partial last block: bnb floors its absmax and divides by it
         tail = flat[full:]
-        am = tail.abs().max().clamp(min=1e-38)
-        codes[full:n] = _encode(tail / am, tables)
-        absmax.append(am.reshape(1))
-    if n % 2:  # pad the last byte with the code of 0.0
-        codes[n:] = _encode(torch.zeros(1, device=flat.device), tables)
-    return codes, torch.cat(absmax) if absmax else flat.new_zeros(0)
+        last = tail.abs().max().clamp(min=1e-38)
+        codes = torch.zeros(n - full + n % 2, dtype=torch.uint8, device=flat.device)  # + a pad
+        _Encoder(tables, codes.numel(), flat.device)(torch.cat([tail / last, tail.new_zeros(n % 2)]), codes)
+        pack_nibbles(codes, out=packed[full // 2 :])  # an odd n pads with the code of 0.0
+        absmax = torch.cat([absmax, last.reshape(1)])
+    return packed, absmax
 
 
-_CHUNK = 1 << 16  # elements per step of the blockwise loop (a multiple of every block size)
+# On the CPU the blocks go through in chunks of this many values: the largest multiple of
+# every block size (4096) below ATen's parallel grain (32768), so that each op runs inline on
+# its thread, and we spread the chunks over torch.get_num_threads() threads ourselves. Letting
+# every op of every chunk open its own OpenMP region costs more than it saves (several times
+# more on a loaded machine), and one pass over the whole tensor falls out of the cache.
+_CPU_CHUNK = 7 * 4096
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(2m,) uint8 codes < 16 -> (m,) bytes, the first code of each pair in the high nibble."""
-    pairs = codes.view(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
+    out = torch.bitwise_left_shift(codes[0::2], 4, out=out)
+    return out.bitwise_or_(codes[1::2])
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -236,8 +271,8 @@ def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = N
 def quantize(w: torch.Tensor, cfg: NF4Config) -> NF4QTensor:
     """w: (out, in) float32 -> NF4QTensor; blocks run over the row-major flattened weight."""
     tables = _tables(cfg.name, w.device)
-    codes, absmax = _quantize_4bit(w.reshape(-1), cfg.block, tables)
-    parts: dict[str, torch.Tensor] = {"codes": pack_nibbles(codes), "absmax": absmax}
+    packed, absmax = _quantize_4bit(w.reshape(-1), cfg.block, tables)
+    parts: dict[str, torch.Tensor] = {"codes": packed, "absmax": absmax}
     if cfg.double_quant:
         offset = absmax.mean()  # the same torch reduction bnb uses
         parts["absmax"], parts["absmax2"] = quantize_dynamic(absmax - offset)

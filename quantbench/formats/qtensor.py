@@ -140,7 +140,9 @@ def check_weight(w: torch.Tensor, cfg: FormatConfig) -> torch.Tensor:
         raise SpecError(f"{cfg.spec()}: expected a floating-point weight, got {w.dtype}")
     cfg.check_shape(tuple(w.shape))
     w = w.detach().to(torch.float32)
-    if w.numel() and not (torch.isfinite(w.amax()) and torch.isfinite(w.amin())):  # max/min propagate NaN
+    # A finite sum means every value is finite (one Inf or NaN makes the sum Inf or NaN), in one
+    # pass and no temporary; only if it is not (or the sum overflowed) look at each value.
+    if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{cfg.spec()}: the weight holds {bad} NaN or Inf value(s); quantize only finite weights")
     return w
