@@ -21,7 +21,8 @@ How this differs from the reference, and why:
   every row sees the same s, and 0 means all rows); the clip search, one choice per row and group,
   uses every row, with the same G (the reference subsamples 512 tokens).
 - Blocks are calibrated sequentially like GPTQ (each block sees the outputs of the already-quantized
-  blocks before it); the reference feeds each block the float outputs of the previous one.
+  blocks before it), at the price of running each block a second time; `sequential=false` feeds
+  each block the float outputs of the one before, as the reference does.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ class AWQConfig:
     alpha: float | None = None  # a fixed exponent instead of the search (0 means no scaling)
     clip: bool = True
     rows: int = 256  # output rows the scale search's loss is evaluated on; 0: all
+    sequential: bool = True  # next block's input from this block quantized (false: float, as llm-awq)
 
     def __post_init__(self) -> None:
         self.int_config()
@@ -207,7 +209,7 @@ def awq_model(model: nn.Module, calib: Calibration, cfg: AWQConfig, rule: LayerR
         stats = PerInput(lambda x: (gram(x), x.reshape(-1, x.shape[-1]).abs().float().mean(0)))
         seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with pre_hooks(block, lambda rel, _m, x: seen.__setitem__(rel, stats(x))):
-            block.forward()
+            float_out = block.forward()
         never = [rel for rel in block.linears if rel not in seen]
         if never:
             raise SpecError(f"{block.full_name(never[0])} was never called by its block; it cannot be calibrated")
@@ -231,7 +233,7 @@ def awq_model(model: nn.Module, calib: Calibration, cfg: AWQConfig, rule: LayerR
                 W = search_clip(W, G, icfg)
             swap_in(block, rel, quantize_tensor(W.to(w.dtype), icfg))
             specs[block.full_name(rel)] = icfg.spec()
-        return block.forward()
+        return block.forward() if cfg.sequential else float_out
 
     run_sequential(model, calib, names, process)
     return specs
