@@ -28,9 +28,10 @@ Double quantization (QLoRA section 3, bnb's `compress_statistics=True`): the blo
 to the value; we reproduce it so the nested bytes match too.
 
 On the CPU every stored byte equals bnb 0.50's `quantize_4bit`, and dequantization equals its
-`dequantize_4bit` (tests/formats/test_nf4.py). bnb's CUDA kernels are a different reference
-and may round midpoint cases differently; `offset` is a float32 mean, whose summation order
-is the device's.
+`dequantize_4bit` (tests/formats/test_nf4.py). bnb's CUDA kernels are another reference, not
+checked here (no GPU); `offset` is a float32 mean, whose summation order is the device's.
+bnb can hand the packed bytes out as another dtype (`quant_storage`, e.g. bfloat16 for FSDP):
+that is a view of the same bytes, so we always store uint8 and `nbytes` is exact.
 """
 
 from __future__ import annotations
@@ -261,10 +262,9 @@ def quantize_dynamic(x: torch.Tensor, block: int = NESTED_BLOCK) -> tuple[torch.
 
 
 def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, block: int = NESTED_BLOCK) -> torch.Tensor:
+    """map[code] * absmax of its block, float32 (bnb's dequantize_blockwise)."""
     code, _ = _dynamic_tables(codes.device)
-    n = codes.numel()
-    values = code[codes.long()]
-    return (values * absmax.repeat_interleave(block)[:n])
+    return code[codes.long()] * absmax.repeat_interleave(block)[: codes.numel()]
 
 
 # -- the formats ---------------------------------------------------------------------------
