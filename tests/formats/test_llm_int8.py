@@ -81,6 +81,16 @@ def test_bad_weights_are_a_clear_error():
         quantize_tensor(torch.randn(2, 8), "llm-int8:bits=4")
 
 
+def test_huge_and_tiny_weights():
+    """Near float16's top the codes are still exact; below its smallest subnormal (6e-8) a
+    weight rounds to 0 before quantization, and a row of them is a zero row."""
+    w = torch.tensor([[60000.0, -30000.0, 1.0, 0.0], [1e-9, -3e-9, 0.0, 2e-9], [1e-6, 2e-6, -4e-6, 0.0]])
+    q = quantize_tensor(w, "llm-int8")
+    assert q.codes[0].tolist() == [127, -64, 0, 0] and q.absmax[0] == 60000.0
+    assert (q.codes[1] == 0).all() and q.absmax[1] == 0 and (q.dequantize()[1] == 0).all()
+    assert q.codes[2].tolist() == [32, 64, -127, 0]  # float16 subnormals still carry their ratios
+
+
 # -- golden: bitsandbytes ------------------------------------------------------------------
 @pytest.fixture
 def bnb():
