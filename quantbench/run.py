@@ -45,7 +45,8 @@ DEFAULT_METHODS = (
     "nf4:block=64,double_quant=true",
     "llm-int8",
     "gguf:Q8_0",
-    "gguf:Q4_K",
+    "gguf:Q4_0",
+    "gguf-mix:Q4_K_M",
     "gptq:bits=4,group=64",
     "awq:bits=4,group=64",
 )
