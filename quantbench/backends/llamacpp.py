@@ -11,14 +11,20 @@ the variant does not need and the memory bar cannot afford. What the variant doe
   * a window is decoded in consecutive chunks of `ubatch` tokens (n_batch = n_ubatch = ubatch)
     with logits requested for every position; the KV cache carries the earlier chunks, so the
     logits are those of one pass over the window. Chunking bounds llama.cpp's output and
-    compute buffers (each holds chunk x n_vocab floats) instead of a whole window's;
+    compute buffers, each of which holds chunk x n_vocab floats: for a 512-token window of a
+    49,152-token vocabulary, one chunk would cost about 200 MB in llama.cpp alone, twice the
+    embedded model's Q4_K_M file. 32 keeps the Q4_K_M variant within 1.5x its file size plus
+    the KV cache (measured 155 MiB against a 162 MiB bar), at the speed of one 512-token batch
+    on an idle machine (115 vs 112-116 tokens/s measured; on an oversubscribed one, where
+    llama.cpp's spinning threads wait at every graph barrier, fewer and larger chunks are
+    faster: `ubatch=` sets it);
   * n_threads = the cores this process may run on; flash attention off, as `Llama` defaults;
   * `own_speed` reports prefill and decode tokens/s from llama.cpp's own counters
     (`llama_perf_context`: prompt-eval and eval time and token counts), next to our timers.
 
-A GGUF file is checked with gguf-py before llama.cpp sees it, so a corrupt or truncated file
-and an architecture llama.cpp does not know give errors that say so; libllama's log is kept
-(not printed) and its last lines are quoted when loading fails.
+A GGUF file's header is read and checked (`gguf_header`) before llama.cpp sees it, so a corrupt
+or truncated file and an architecture llama.cpp does not know give errors that say so;
+libllama's log is kept (not printed) and its error lines are quoted when loading fails.
 """
 
 from __future__ import annotations
@@ -27,57 +33,12 @@ import collections
 import ctypes
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-class GGUFFileError(ValueError):
-    """A GGUF file that llama.cpp cannot use; the message says why."""
-
-
-@dataclass(frozen=True)
-class GGUFInfo:
-    path: str
-    architecture: str
-    file_bytes: int
-    tensor_bytes: int  # the tensors' data as stored: what the weights take
-    n_elements: int
-    n_vocab: int | None
-    tensor_types: dict[str, str] = field(default_factory=dict)  # name -> ggml type, 2-D tensors only
-
-
-def inspect_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
-    """Read a GGUF file's header with gguf-py and check that its tensor data is all there."""
-    from gguf import GGUFReader
-
-    p = Path(path)
-    if not p.is_file():
-        raise GGUFFileError(f"GGUF file {str(p)!r} does not exist")
-    size = p.stat().st_size
-    try:
-        r = GGUFReader(p)
-    except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on bad bytes
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        what = "is a corrupt or truncated GGUF file" if magic == b"GGUF" else "is not a GGUF file (no GGUF magic)"
-        raise GGUFFileError(f"{p} {what}: {type(e).__name__}: {e}") from e
-    end = max((t.data_offset + int(t.n_bytes) for t in r.tensors), default=0)
-    if end > size:
-        raise GGUFFileError(f"{p} is truncated: its tensors need {end} bytes, the file has {size}")
-    arch = r.fields.get("general.architecture")
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    return GGUFInfo(
-        path=str(p),
-        architecture=arch.contents() if arch is not None else "?",
-        file_bytes=size,
-        tensor_bytes=sum(int(t.n_bytes) for t in r.tensors),
-        n_elements=sum(int(t.n_elements) for t in r.tensors),
-        n_vocab=len(tokens.data) if tokens is not None else None,
-        tensor_types={t.name: t.tensor_type.name for t in r.tensors if len(t.shape) >= 2},
-    )
+from .gguf_header import GGUFFileError, inspect_gguf  # noqa: F401  (GGUFFileError: re-exported)
 
 
 class _Log:
@@ -127,7 +88,8 @@ class LlamaCppVariant:
         layer_specs: dict[str, str] | None = None,
         expected_vocab: int | None = None,
         threads: int = 0,
-        ubatch: int = 64,
+        ubatch: int = 32,
+        repack: bool = True,
         cleanup: tuple[str | os.PathLike[str], ...] = (),
     ):
         import llama_cpp
@@ -148,6 +110,7 @@ class LlamaCppVariant:
             _Log.install()
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = 0
+            mparams.use_extra_bufts = repack  # llama.cpp's CPU weight repacking (interleaved rows for SIMD)
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
             if not self._model:
                 raise GGUFFileError(

@@ -58,7 +58,7 @@ class LlamaCppConfig:
     imatrix: str | None = None  # a llama-imatrix file, or "calib" to measure one on the calibration tokens
     keep: str | None = None  # keep the GGUF file here instead of deleting it on close
     threads: int = 0  # 0: every core this process may use
-    ubatch: int = 64  # tokens per llama_decode call (bounds llama.cpp's logits buffers)
+    ubatch: int = 32  # tokens per llama_decode call (bounds llama.cpp's logits buffers; see llamacpp.py)
 
     def __post_init__(self) -> None:
         if self.type != "source" and importlib.util.find_spec("llama_cpp") is not None:

@@ -144,3 +144,21 @@ def test_embedded_model_export_equals_the_source_gguf(tmp_path):
     for key in ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.context_length",
                 "llama.attention.head_count_kv", "llama.rope.dimension_count"):
         assert ours.fields[key].contents() == src.fields[key].contents(), key
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_header_reader_agrees_with_gguf_py(outtype, tokenizer, tmp_path):
+    """The streaming header reader (what the llama.cpp variant reports) against GGUFReader."""
+    from quantbench.backends.gguf_header import GGUFFileError, inspect_gguf
+
+    write_gguf(tiny_llama(vocab=len(tokenizer)), tokenizer, tmp_path / "m.gguf", outtype)
+    info, r = inspect_gguf(tmp_path / "m.gguf"), GGUFReader(tmp_path / "m.gguf")
+    assert info.architecture == "llama" and info.n_vocab == len(tokenizer)
+    assert info.tensor_bytes == sum(int(t.n_bytes) for t in r.tensors)
+    assert info.n_elements == sum(int(t.n_elements) for t in r.tensors)
+    assert info.tensor_types == {t.name: t.tensor_type.name for t in r.tensors if len(t.shape) >= 2}
+    data = (tmp_path / "m.gguf").read_bytes()
+    for cut in (len(data) - 1, 2000, 30):  # inside the data, inside the tokenizer, inside the counts
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(GGUFFileError, match="corrupt or truncated"):
+            inspect_gguf(tmp_path / "cut.gguf")
