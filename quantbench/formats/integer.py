@@ -169,17 +169,25 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (rows, n) < 2**bits into (rows, ceil(n*bits/8)) uint8, row by row.
 
     Little-endian bit stream: code i occupies bits [i*bits, (i+1)*bits) of the row, so for 4 bits
-    byte j = codes[2j] | codes[2j+1] << 4.
+    byte j = codes[2j] | codes[2j+1] << 4. Eight codes fill exactly `bits` bytes, so a row is
+    packed eight codes at a time (as one integer of 8 * bits <= 56 bits), or, when bits divides
+    8, one byte of 8 // bits codes at a time; the zero padding of a last partial byte is dropped.
     """
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes.contiguous()
     rows, n = codes.shape
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
-    stream = torch.nn.functional.pad(stream, (0, (-n * bits) % 8)).reshape(rows, -1, 8)
-    weights = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    return (stream << weights).sum(-1, dtype=torch.uint8)
+    nbytes = -(-n * bits // 8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)  # (per,)
+        grouped = _pad_to(codes, per).view(rows, -1, per)  # (rows, nbytes, per)
+        return (grouped << shifts).sum(-1, dtype=torch.uint8)  # the fields are disjoint: sum == or
+    shifts = torch.arange(0, 8 * bits, bits, device=codes.device, dtype=torch.int64)  # (8,)
+    word = (_pad_to(codes, 8).view(rows, -1, 8).long() << shifts).sum(-1, keepdim=True)  # (rows, G, 1)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=codes.device, dtype=torch.int64)  # (bits,)
+    packed = ((word >> byte_shifts) & 255).to(torch.uint8).view(rows, -1)  # (rows, G * bits)
+    return packed[:, :nbytes].contiguous()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -187,10 +195,21 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed
     rows = packed.shape[0]
-    weights = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> weights) & 1).reshape(rows, -1)[:, : n * bits]
-    shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-    return (stream.reshape(rows, n, bits) << shifts).sum(-1, dtype=torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & mask).view(rows, -1)[:, :n]
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int64)  # (bits,)
+    grouped = _pad_to(packed, bits).view(rows, -1, bits).long()  # (rows, G, bits)
+    word = (grouped << byte_shifts).sum(-1, keepdim=True)  # (rows, G, 1)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)  # (8,)
+    return ((word >> shifts) & mask).to(torch.uint8).view(rows, -1)[:, :n]
+
+
+def _pad_to(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dim of (rows, n) to a multiple of `multiple`."""
+    extra = (-t.shape[-1]) % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t.contiguous()
 
 
 def pack(codes: torch.Tensor, qp: QParams, cfg: IntConfig, dtype: torch.dtype, g_idx: torch.Tensor | None = None) -> IntQTensor:

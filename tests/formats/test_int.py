@@ -90,6 +90,23 @@ def test_pack_unpack_round_trip(bits, data):
     assert torch.equal(unpack_bits(packed, bits, n), codes)
 
 
+def bit_serial_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layout's definition, one bit at a time: code i fills bits [i*bits, (i+1)*bits) of a
+    little-endian stream, zero-padded to whole bytes."""
+    rows, n = codes.shape
+    stream = ((codes.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1).reshape(rows, n * bits)
+    stream = torch.nn.functional.pad(stream, (0, (-n * bits) % 8)).reshape(rows, -1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+@given(bits=st.integers(1, 7), data=st.data())
+@settings(max_examples=80, deadline=None)
+def test_packing_is_the_documented_bit_stream(bits, data):
+    rows, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 40))
+    codes = torch.from_numpy(data.draw(arrays(np.uint8, (rows, n), elements=st.integers(0, 2**bits - 1))))
+    assert torch.equal(pack_bits(codes, bits), bit_serial_pack(codes, bits))
+
+
 @pytest.mark.parametrize("spec", ["int:bits=4,sym=false,group=32", "int:bits=3", "int:bits=8,group=-1,scale_dtype=float32"])
 @dtypes
 def test_save_load_is_bit_exact(spec, dtype, device):
