@@ -57,18 +57,18 @@ class RunConfig:
     model: str = EMBEDDED_MODEL
     text_file: str | None = None
     dataset: str | None = None
-    tokens: int = 4096  # evaluation tokens: tokens // context windows
+    tokens: int = 2048  # evaluation tokens: tokens // context windows
     context: int = 512
     protocol: str = "disjoint"
     bos: bool | None = None  # None: as the tokenizer says
     device: str = "cpu"
     dtype: str = "fp32"
     seed: int = 0
-    batch_size: int = 4  # for the batched prefill speed
+    batch_size: int = 2  # for the batched prefill speed
     calib_samples: int = 32
     calib_len: int = 256
-    generate_tokens: int = 24
-    decode_tokens: int = 32
+    generate_tokens: int = 16
+    decode_tokens: int = 16
     measure_speed: bool = True
     generate: bool = True
 
