@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from .formats import parse_format_spec
-from .layers import QLinear, get_weight
+from .layers import QLinear, TiedQLinear, get_weight
 from .methods import MethodSpec
 from .spec import SpecError
 
@@ -42,6 +42,7 @@ class Thresholds:
 #   16-bit             0.0014 / 1.0011 / 0.9765  (bf16)
 #   8-bit              0.0032 / 1.0067 / 0.9647  (absmax and zeropoint per channel, gguf Q8_0)
 #   8-bit per-tensor   0.0666 / 1.0626 / 0.8471  (absmax per tensor)
+#   8-bit activations  0.0185 / 1.0176 / 0.9295  (llm-int8 and bnb-int8: int8 activations as well as weights)
 #   6-bit              0.0202 / 1.0143 / 0.9353  (int6 g64 asym)
 #   5-bit              0.0888 / 1.1667 / 0.8392  (gguf Q5_0; int5 g64 asym 0.078 / 1.104 / 0.869)
 #   4-bit grouped      0.3101 / 1.3434 / 0.7255  (int4 g64 asym; nf4, Q4_0, GPTQ g64 below; Q4_1: 0, the model's own grid)
@@ -54,6 +55,7 @@ DEFAULTS: dict[str, Thresholds] = {
     "16-bit": Thresholds(ppl_ratio=1.005, kld_mean=0.0025, top1=0.96),
     "8-bit": Thresholds(ppl_ratio=1.011, kld_mean=0.005, top1=0.94),
     "8-bit per-tensor": Thresholds(ppl_ratio=1.10, kld_mean=0.10, top1=0.77),
+    "8-bit activations": Thresholds(ppl_ratio=1.03, kld_mean=0.028, top1=0.89),
     "6-bit": Thresholds(ppl_ratio=1.022, kld_mean=0.031, top1=0.90),
     "5-bit": Thresholds(ppl_ratio=1.26, kld_mean=0.14, top1=0.75),
     "4-bit grouped": Thresholds(ppl_ratio=1.56, kld_mean=0.47, top1=0.58),
@@ -63,6 +65,7 @@ DEFAULTS: dict[str, Thresholds] = {
     "2-bit": Thresholds(ppl_ratio=2e6, kld_mean=15.0, top1=0.0),
 }
 LOOSEST = "2-bit"
+ACTIVATION_INT8 = ("llm-int8", "bnb-int8")  # LLM.int8(): the inputs are rounded to int8 too
 
 FIGURES = {  # threshold field -> (figure's name, row key, bound)
     "ppl_ratio": ("perplexity ratio PPL/PPL_ref", "ppl_ratio", "max"),
@@ -97,6 +100,8 @@ def family(spec: MethodSpec, ref_dtype: str = "fp32") -> str:
         return "16-bit"
     cfg = spec.config
     per_tensor = getattr(cfg, "group", None) == -1 or getattr(cfg, "granularity", None) == "tensor"
+    if spec.name in ACTIVATION_INT8:
+        return "8-bit activations"
     if bits >= 7:
         return "8-bit per-tensor" if per_tensor else "8-bit"
     if bits >= 5:
@@ -150,6 +155,8 @@ def theoretical_bytes(variant: object, ref_model: nn.Module) -> tuple[int, list[
             cfg = parse_format_spec(spec)
         except SpecError:
             return None
+        if isinstance(model.get_submodule(name), TiedQLinear):
+            continue  # a tied output head stores nothing: its bytes are the embedding's, counted once
         out_f, in_f = get_weight(ref_model.get_submodule(name)).shape
         bpw = cfg.bits_per_weight((out_f, in_f))
         total += bpw * out_f * in_f / 8

@@ -100,3 +100,15 @@ def test_bos_replaces_first_token_and_is_not_a_target():
 def test_unknown_protocol_is_a_clear_error():
     with pytest.raises(ValueError, match="disjoint, llama.cpp"):
         Protocol("sliding", 8, None)
+
+
+def test_scoring_in_row_chunks_changes_no_figure():
+    from quantbench.eval import metrics
+
+    g = torch.Generator().manual_seed(0)
+    ref, var = torch.randn(150, 40, generator=g), torch.randn(150, 40, generator=g)
+    targets = torch.randint(0, 40, (150,), generator=g)
+    whole, chunked = metrics._score_rows(ref, var, targets), score_tokens(ref, var, targets)
+    assert 150 > metrics.ROWS
+    for k in TokenScores.__dataclass_fields__:
+        assert torch.equal(getattr(whole, k), getattr(chunked, k)), k

@@ -234,6 +234,7 @@ def test_two_xdist_workers_match_one_process(pytester, tiny_model_dirs, tmp_path
         ("bf16", "16-bit"),
         ("absmax:bits=8", "8-bit per-tensor"),
         ("absmax:bits=8,granularity=channel", "8-bit"),
+        ("llm-int8", "8-bit activations"),
         ("int:bits=6,group=64", "6-bit"),
         ("int:bits=4,group=64,sym=false", "4-bit grouped"),
         ("int:bits=4", "4-bit per-channel"),

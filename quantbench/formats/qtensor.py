@@ -46,6 +46,14 @@ class QTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        # A QTensor holds exactly `nbytes` of memory: a field that is a view into a larger buffer
+        # (a slice of a padded array) gets its own copy, or the padding would stay alive uncounted
+        # and safetensors would refuse to save it.
+        for name, t in self.tensors().items():
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+                object.__setattr__(self, name, t.contiguous().clone())
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name, in declaration order."""
         return {

@@ -299,3 +299,17 @@ def test_same_bytes_as_bitsandbytes_on_the_embedded_model(bnb):
             for block, double_quant in ((64, True), (4096, False)):
                 assert_same_as_bnb(bnb, w.detach(), kind, block, double_quant)
                 assert_same_as_bnb(bnb, w.detach().to(torch.bfloat16), kind, block, double_quant)
+
+
+@pytest.mark.parametrize("n", [576 * 100, 576 * 100 + 7])
+def test_stored_tensors_own_exactly_their_bytes(n, tmp_path):
+    """Double quantization pads the absmaxes to whole blocks of 256; what the QTensor keeps must
+    not be a view into that padded buffer (uncounted memory, and safetensors refuses to save it)."""
+    from safetensors.torch import save_model
+    from quantbench.layers import QLinear
+
+    w = torch.randn(n // 576 if n % 576 == 0 else 1, 576 if n % 576 == 0 else n)
+    q = quantize_tensor(w, "nf4:block=64,double_quant=true")
+    for name, t in q.tensors().items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    save_model(QLinear(q, None), str(tmp_path / "q.safetensors"))

@@ -219,3 +219,16 @@ def test_embedded_model_same_types_and_bytes_as_llama_cpp(tmp_path):
     file_bytes = sum(b.size for _, b in theirs.values())
     # ours = llama.cpp's tensor data + RoPE's inv_freq buffer (32 fp32)
     assert v.weight_bytes() - file_bytes == sum(b.numel() * 4 for n, b in v.model.named_buffers() if "inv_freq" in n)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_memory_gate_counts_a_tied_head_once(tied):
+    """The memory gate's theoretical size of a gguf-mix variant equals its stored bytes: a tied
+    output head computes with the embedding's QTensor and adds nothing of its own."""
+    from quantbench import gates
+
+    ref = make_ref(small_llama(tied=tied))
+    v = parse_method("gguf-mix:Q4_K_M").build(ref)
+    expected, _ = gates.theoretical_bytes(v, ref.model)
+    assert expected == v.weight_bytes()
+    assert isinstance(v.model.lm_head, TiedQLinear) == tied
