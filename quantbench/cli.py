@@ -61,7 +61,7 @@ def _progress_factory(enabled: bool):
 
 def cmd_run(a: argparse.Namespace) -> int:
     from . import report
-    from .run import RunConfig, default_methods, run, save_results
+    from .run import DEFAULT_METHODS, RunConfig, default_methods, run, save_results
 
     cfg = RunConfig(
         model=a.model,
@@ -80,6 +80,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         generate=not a.no_generate,
     )
     specs = split_methods(a.methods) if a.methods else default_methods()
+    if specs == ["all"]:
+        specs = default_methods(DEFAULT_METHODS)
 
     def on_row(row: dict) -> None:
         print(
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=d["model"], help="smollm2-135m (embedded), a model directory, a .gguf file or a hub id")
     r.add_argument("--text-file", help="a UTF-8 text file to evaluate on (default: the embedded pydoc text)")
     r.add_argument("--dataset", choices=["wikitext2"], help="a dataset from the local `datasets` cache")
-    r.add_argument("--methods", action="append", help="method specs, e.g. fp32,absmax:bits=8,granularity=channel")
+    r.add_argument("--methods", action="append", help="method specs, e.g. fp32,absmax:bits=8,granularity=channel; "
+                   "'all' for the whole benchmark matrix (default: a quick set)")
     r.add_argument("--tokens", type=int, default=d["tokens"], help="evaluation tokens (a whole number of windows)")
     r.add_argument("--context", type=int, default=d["context"], help="tokens per window")
     r.add_argument("--protocol", choices=["disjoint", "llama.cpp"], default=d["protocol"])

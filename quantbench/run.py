@@ -33,7 +33,7 @@ from .sources.models import SourceError
 from .sources.text import calibration, windows
 from .variant import TorchVariant, Variant
 
-# What `quantbench run` measures with no --methods, in this order; each only where available.
+# The benchmark matrix (benchmarks/, `quantbench run --methods all`): every family once or twice.
 DEFAULT_METHODS = (
     "fp32",
     "bf16",
@@ -49,6 +49,19 @@ DEFAULT_METHODS = (
     "gguf-mix:Q4_K_M",
     "gptq:bits=4,group=64",
     "awq:bits=4,group=64",
+)
+
+# What `quantbench run` measures with no --methods: one of each kind of method, chosen so that
+# the whole job takes a few minutes on 2 CPU cores. The CPU decodes our packed formats slowly
+# (each step dequantizes every weight; NF4's lookup is the slowest) and bf16 runs without native
+# support on most CPUs, so the quick set leaves out what would dominate its time. Measured with
+# NF4 included: 9 min 16 s on the 2-core development machine. `--methods all` runs the matrix.
+QUICK_METHODS = (
+    "fp32",
+    "absmax:bits=8,granularity=channel",
+    "int:bits=4,group=64,sym=false",
+    "gguf:Q4_0",
+    "gptq:bits=4,group=64",
 )
 
 
@@ -73,13 +86,13 @@ class RunConfig:
     generate: bool = True
 
 
-def default_methods() -> list[str]:
-    """DEFAULT_METHODS that are registered and whose libraries are installed here."""
+def default_methods(which: tuple[str, ...] = QUICK_METHODS) -> list[str]:
+    """The specs of `which` that are registered and whose libraries are installed here."""
     from .methods import methods
 
     known = methods()
     out = []
-    for spec in DEFAULT_METHODS:
+    for spec in which:
         name = spec.partition(":")[0]
         if name in known and not missing_requirements(known[name]):
             out.append(spec)
