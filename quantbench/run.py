@@ -51,8 +51,8 @@ DEFAULT_METHODS = (
     "awq:bits=4,group=64",
 )
 
-# What `quantbench run` measures with no --methods: one of each kind of method, chosen so that
-# the whole job takes a few minutes on 2 CPU cores. The CPU decodes our packed formats slowly
+# What `quantbench run` measures with no --methods: one of each kind of method, chosen to keep
+# the job short on 2 CPU cores (its own time is not measured yet). The CPU decodes our packed formats slowly
 # (each step dequantizes every weight; NF4's lookup is the slowest) and bf16 runs without native
 # support on most CPUs, so the quick set leaves out what would dominate its time. Measured with
 # NF4 included: 9 min 16 s on the 2-core development machine. `--methods all` runs the matrix.
