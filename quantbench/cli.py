@@ -74,6 +74,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         seed=a.seed,
         batch_size=a.batch_size,
+        decode_tokens=a.decode_tokens,
+        generate_tokens=a.generate_tokens,
         calib_samples=a.calib_samples,
         calib_len=a.calib_len,
         measure_speed=not a.no_speed,
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d["dtype"], help="reference precision")
     r.add_argument("--seed", type=int, default=d["seed"])
     r.add_argument("--batch-size", type=int, default=d["batch_size"], help="batch size of the batched prefill speed")
+    r.add_argument("--decode-tokens", type=int, default=d["decode_tokens"], help="tokens timed for the decode speed")
+    r.add_argument("--generate-tokens", type=int, default=d["generate_tokens"], help="tokens generated per prompt")
     r.add_argument("--calib-samples", type=int, default=d["calib_samples"])
     r.add_argument("--calib-len", type=int, default=d["calib_len"])
     r.add_argument("--json", help="write the results here (default: results/run-TIME.json and results/latest.json)")

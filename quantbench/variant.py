@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -75,6 +76,20 @@ class TorchVariant:
             pad_token_id=getattr(self.model.generation_config, "pad_token_id", None) or 0,
         )
         return out[0, ids.shape[1] :].tolist()
+
+    @torch.inference_mode()
+    def decode_seconds(self, ids: torch.Tensor, n: int) -> float:
+        """Wall time of n greedy single-token steps with the KV cache, after the (1, T) prompt's
+        own prefill (not timed): what each generated token costs, argmax included."""
+        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            token = out.logits[:, -1:].argmax(-1)
+            out = self.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        sync()
+        return time.perf_counter() - start
 
     def weight_bytes(self) -> int:
         return weight_bytes(self.model)

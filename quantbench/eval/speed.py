@@ -60,9 +60,21 @@ def prefill_tokens_per_s(variant: Variant, windows: torch.Tensor, repeats: int =
 
 
 def decode_tokens_per_s(variant: Variant, prompt: torch.Tensor, n: int = 32, repeats: int = 1) -> float:
+    """Greedy tokens per second after the prompt. A variant that can time its own cached decode
+    steps (`decode_seconds(prompt, n)`) does; otherwise the time of generating 1 token is taken
+    from that of n + 1, and a difference lost in timing noise is an error, not a figure."""
+    steps = getattr(variant, "decode_seconds", None)
+    if steps is not None:
+        steps(prompt, 1)  # warm-up
+        return n / statistics.median(steps(prompt, n) for _ in range(repeats))
     t1 = _timed(lambda: variant.generate(prompt, 1), variant.device, repeats)
     tn = _timed(lambda: variant.generate(prompt, n + 1), variant.device, repeats)
-    return n / max(tn - t1, 1e-9)
+    if tn <= t1:
+        raise RuntimeError(
+            f"{variant.name}: generating {n + 1} tokens took {tn:.4f} s, no longer than 1 token ({t1:.4f} s): "
+            "timing noise; measure with more decode tokens (--decode-tokens)"
+        )
+    return n / (tn - t1)
 
 
 def measure_speed(variant: Variant, windows: torch.Tensor, batch_size: int = 4, decode_tokens: int = 32) -> Speed:

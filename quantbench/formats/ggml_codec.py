@@ -21,6 +21,7 @@ as `t * (1 / c)`, which differ from C's correctly rounded `c / t` in the last bi
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -143,5 +144,13 @@ def bits_le(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unbits_le(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `bits_le`: (..., k) uint8 -> (..., 8k) uint8 of 0/1."""
-    return split_fields(packed, 8, 1).transpose(-1, -2).reshape(*packed.shape[:-1], -1)
+    """Inverse of `bits_le`: (..., k) uint8 -> (..., 8k) uint8 of 0/1.
+
+    One table lookup per byte: entry b of the table is an int64 whose eight bytes are b's bits."""
+    return _bit_bytes(packed.device)[packed.long()].view(torch.uint8).reshape(*packed.shape[:-1], -1)
+
+
+@functools.cache
+def _bit_bytes(device: torch.device) -> torch.Tensor:
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8)
+    return bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, split_fields, unbits_le
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -86,8 +86,11 @@ def _nibbles(q: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _unnibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, 16) bytes -> (n, 32) codes, the inverse of `_nibbles`."""
-    return split_fields(qs, 2, 4).reshape(-1, 32)
+    """(n, 16) bytes -> (n, 32) codes, the inverse of `_nibbles`, each half written in place."""
+    out = torch.empty(qs.shape[0], 2, 16, dtype=torch.uint8, device=qs.device)
+    torch.bitwise_and(qs, 0xF, out=out[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=out[:, 1])
+    return out.view(-1, 32)
 
 
 def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,7 @@ class Q8_0(BlockCodec):
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
-        return b[:, 2:].contiguous().view(torch.int8).float() * f16_value(b[:, :2])
+        return b[:, 2:].contiguous().view(torch.int8).float().mul_(f16_value(b[:, :2]))
 
 
 @register_codec(T.Q4_0)
@@ -129,7 +132,7 @@ class Q4_0(BlockCodec):
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
-        return f16_value(b[:, :2]) * (_unnibbles(b[:, 2:]).float() - 8)
+        return _unnibbles(b[:, 2:]).float().sub_(8).mul_(f16_value(b[:, :2]))
 
 
 @register_codec(T.Q4_1)
@@ -145,7 +148,7 @@ class Q4_1(BlockCodec):
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
-        return f16_value(b[:, :2]) * _unnibbles(b[:, 4:]).float() + f16_value(b[:, 2:4])
+        return _unnibbles(b[:, 4:]).float().mul_(f16_value(b[:, :2])).add_(f16_value(b[:, 2:4]))
 
 
 @register_codec(T.Q5_0)
@@ -161,8 +164,8 @@ class Q5_0(BlockCodec):
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
-        q = _unnibbles(b[:, 6:]) | (unbits_le(b[:, 2:6]) << 4)
-        return f16_value(b[:, :2]) * (q.float() - 16)
+        q = _unnibbles(b[:, 6:]).bitwise_or_(unbits_le(b[:, 2:6]) << 4)
+        return q.float().sub_(16).mul_(f16_value(b[:, :2]))
 
 
 @register_codec(T.Q5_1)
@@ -178,5 +181,5 @@ class Q5_1(BlockCodec):
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
-        q = _unnibbles(b[:, 8:]) | (unbits_le(b[:, 4:8]) << 4)
-        return f16_value(b[:, :2]) * q.float() + f16_value(b[:, 2:4])
+        q = _unnibbles(b[:, 8:]).bitwise_or_(unbits_le(b[:, 4:8]) << 4)
+        return q.float().mul_(f16_value(b[:, :2])).add_(f16_value(b[:, 2:4]))

@@ -196,14 +196,20 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed
     rows = packed.shape[0]
     mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        return ((packed.unsqueeze(-1) >> shifts) & mask).view(rows, -1)[:, :n]
-    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int64)  # (bits,)
-    grouped = _pad_to(packed, bits).view(rows, -1, bits).long()  # (rows, G, bits)
-    word = (grouped << byte_shifts).sum(-1, keepdim=True)  # (rows, G, 1)
-    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)  # (8,)
-    return ((word >> shifts) & mask).to(torch.uint8).view(rows, -1)[:, :n]
+    if 8 % bits == 0:  # each field straight into its slot of the output: no broadcast temporaries
+        out = torch.empty(*packed.shape, 8 // bits, dtype=torch.uint8, device=packed.device)
+        for k in range(8 // bits):
+            torch.bitwise_and(packed >> (k * bits) if k else packed, mask, out=out[..., k])
+        return out.view(rows, -1)[:, :n]
+    grouped = _pad_to(packed, bits).view(rows, -1, bits)  # (rows, G, bits): `bits` bytes hold 8 codes
+    out = torch.empty(*grouped.shape[:2], 8, dtype=torch.uint8, device=packed.device)
+    for k in range(8):  # code k: bits [k * bits, (k + 1) * bits), in byte j and perhaps the next
+        j, off = divmod(k * bits, 8)
+        v = grouped[..., j] >> off
+        if off + bits > 8:  # the high part from byte j + 1 (uint8 shifts drop what overflows)
+            v = v.bitwise_or_(grouped[..., j + 1] << (8 - off))
+        torch.bitwise_and(v, mask, out=out[..., k])
+    return out.view(rows, -1)[:, :n]
 
 
 def _pad_to(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -253,12 +259,12 @@ class IntFormat:
     def dequantize(q: IntQTensor) -> torch.Tensor:
         cfg: IntConfig = q.config
         rows, n = q.shape
-        codes = unpack_bits(q.codes, cfg.bits, n).float()  # (out, in)
+        w = unpack_bits(q.codes, cfg.bits, n).float()  # (out, in), a new tensor: worked in place
         scale = q.scale.float()
-        zero = torch.full_like(scale, 2 ** (cfg.bits - 1)) if q.zero is None else q.zero.float()
+        zero = 2 ** (cfg.bits - 1) if q.zero is None else q.zero.float()
         if q.g_idx is not None:  # act-order GPTQ: column j uses group g_idx[j]
             gi = q.g_idx.long()
-            return (codes - zero[:, gi]) * scale[:, gi]
-        wg = group_view(codes, cfg)
-        w = (wg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-        return w.reshape(rows, n)
+            return w.sub_(zero if q.zero is None else zero[:, gi]).mul_(scale[:, gi])
+        wg = group_view(w, cfg)
+        wg.sub_(zero if q.zero is None else zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        return w
