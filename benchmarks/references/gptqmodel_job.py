@@ -15,8 +15,9 @@ only moves tensors, so it changes no weight (and can only make GPTQModel's time 
 dampening when a Cholesky factorisation fails) stays on: it only acts where ours would raise.
 
 The timed job is `model.quantize(...)` as a user calls it, packing into its QuantLinear
-modules included. The fake-quantized weights are then read back through each module's own
-`dequantize_weight()`, and checked against the module's forward on a random input.
+modules included. The quantized model is then saved and loaded back with GPTQModel (untimed),
+and the fake-quantized weights are read through each loaded module's own `dequantize_weight()`,
+checked against the module's forward on a random input.
 
 GPTQModel runs its CPU work in a pool of workers; on 2 cores it needs GPTQMODEL_CPU_WORKERS=2,
 set here unless the caller set it. GPTQModel's AWQ is not run: it needs fp16/bf16 weights, and
@@ -31,12 +32,17 @@ import time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # before gptqmodel is imported
 
 import torch
-from job import Job, changed_parameters, logits_gap, parse_job, write_outputs
+from job import Job, logits_gap, parse_job, write_outputs
 
 
 def dequantized(module: torch.nn.Module) -> torch.Tensor:
     """The float weight (out, in) of a GPTQModel QuantLinear, checked against its forward."""
-    w = module.dequantize_weight().float()  # (in, out): the GPTQ checkpoint layout
+    scales = module.scales
+    module.scales = scales.float()  # (q - z) * s in float32: exact, as the stored fp16 scale allows
+    try:
+        w = module.dequantize_weight().float()  # (in, out): the GPTQ checkpoint layout
+    finally:
+        module.scales = scales
     if w.shape != (module.in_features, module.out_features):
         raise ValueError(f"dequantize_weight gave {tuple(w.shape)}, expected ({module.in_features}, {module.out_features})")
     w = w.t().contiguous()  # (out, in)
@@ -44,7 +50,7 @@ def dequantized(module: torch.nn.Module) -> torch.Tensor:
     with torch.inference_mode():
         y = module(x.to(module.scales.dtype)).float()
     bias = module.bias.float() if getattr(module, "bias", None) is not None else 0.0
-    if not torch.allclose(y, x @ w.t() + bias, rtol=1e-2, atol=1e-2):
+    if not torch.allclose(y, x @ w.t() + bias, rtol=1e-2, atol=1e-2):  # the forward runs in float16
         raise ValueError(f"{type(module).__name__}: dequantize_weight() disagrees with the module's forward")
     return w
 
@@ -52,7 +58,7 @@ def dequantized(module: torch.nn.Module) -> torch.Tensor:
 def main() -> None:
     job = parse_job(("gptq",))
     import gptqmodel
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     ids = job.input_ids()  # (N, L)
     config = QuantizeConfig(
@@ -61,15 +67,23 @@ def main() -> None:
     )
     model = GPTQModel.load(str(job.model), config, dtype=torch.float32, device="cpu")
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
-    before = {name: p.detach().float().clone() for name, p in model.model.named_parameters()}
     t = time.perf_counter()
     model.quantize(calibration, batch_size=1)
     seconds = time.perf_counter() - t
-    linears = {name: dequantized(m) for name, m in model.model.named_modules() if hasattr(m, "dequantize_weight")}
-    others = changed_parameters(model.model, before, skip=set())
-    gap = logits_gap(job, model.model, {f"{k}.weight": v for k, v in linears.items()} | others)
+    # Right after quantize() the packed modules hold the checkpoint's zero points (GPTQ's v1
+    # layout, stored minus one), which GPTQModel converts only when it loads a checkpoint: read
+    # there, every weight comes out one step off. So the model is saved and loaded back, as a
+    # user of the library would run it.
+    checkpoint = job.out / "checkpoint"
+    model.save(str(checkpoint))
+    # Its plain torch kernel, whose dequantize_weight() is the reference formula, runs only in
+    # float16 or bfloat16; the weights are read in float32 all the same (dequantized() above),
+    # and GPTQ changes no other parameter, so nothing else is taken from the float16 model.
+    loaded = GPTQModel.load(str(checkpoint), dtype=torch.float16, device="cpu", backend=BACKEND.TORCH)
+    linears = {name: dequantized(m) for name, m in loaded.model.named_modules() if hasattr(m, "dequantize_weight")}
+    gap = logits_gap(job, loaded.model.float(), {f"{k}.weight": v for k, v in linears.items()})
     write_outputs(
-        job, linears, others, "gptqmodel", gptqmodel.__version__, seconds,
+        job, linears, {}, "gptqmodel", gptqmodel.__version__, seconds,
         cpu_workers=os.environ["GPTQMODEL_CPU_WORKERS"], logits_gap=gap,
     )
 
