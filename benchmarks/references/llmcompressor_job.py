@@ -100,5 +100,6 @@ def main() -> None:
         weights_were_fake_quantized=already, logits_gap=gap,
     )
 
+
 if __name__ == "__main__":
     main()
