@@ -8,8 +8,8 @@ mean, so a machine that slows down mid-run does not flatter either side.
 
     python -m pytest benchmarks/test_calibrated_speed.py -m slow
 
-The comparison with llm-compressor and GPTQModel (same job, same run) is not here: they pin other
-transformers versions and are not installed in this environment.
+The comparison with llm-compressor and GPTQModel (same job, same run) is in
+test_reference_methods.py: they pin other transformers versions and run in their own environments.
 """
 
 from __future__ import annotations
