@@ -50,8 +50,13 @@ def dequantized(module: torch.nn.Module) -> torch.Tensor:
     with torch.inference_mode():
         y = module(x.to(module.scales.dtype)).float()
     bias = module.bias.float() if getattr(module, "bias", None) is not None else 0.0
-    if not torch.allclose(y, x @ w.t() + bias, rtol=1e-2, atol=1e-2):  # the forward runs in float16
-        raise ValueError(f"{type(module).__name__}: dequantize_weight() disagrees with the module's forward")
+    want = x @ w.t() + bias
+    gap = (y - want).norm() / want.norm()
+    # The forward runs in float16 (unit roundoff about 5e-4 per operation): the bar leaves room
+    # for that. It is there to catch weights read off the grid the forward uses (as
+    # right after quantize(), see main), not float16 rounding.
+    if gap > 1e-2:
+        raise ValueError(f"{type(module).__name__}: dequantize_weight() disagrees with the module's forward (relative gap {gap:.2e})")
     return w
 
 

@@ -28,6 +28,7 @@ How this differs from the reference, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -178,6 +179,7 @@ class AWQConfig:
     clip: bool = True
     rows: int = 256  # output rows the scale search's loss is evaluated on; 0: all
     sequential: bool = True  # next block's input from this block quantized (false: float, as llm-awq)
+    scale_dtype: Literal["float16", "float32"] = "float16"  # of the stored scales; the codes are chosen on that grid
 
     def __post_init__(self) -> None:
         self.int_config()
@@ -191,7 +193,7 @@ class AWQConfig:
             raise SpecError(f"awq: alpha={self.alpha} is not valid; use a number in [0, 1]")
 
     def int_config(self) -> IntConfig:
-        return IntConfig(bits=self.bits, sym=self.sym, group=self.group)
+        return IntConfig(bits=self.bits, sym=self.sym, group=self.group, scale_dtype=self.scale_dtype)
 
     def alphas(self) -> list[float]:
         return [self.alpha] if self.alpha is not None else [i / self.grid for i in range(self.grid)]

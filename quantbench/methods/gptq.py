@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
@@ -188,6 +188,7 @@ class GPTQConfig:
     static_groups: bool = False
     damp: float = 0.01
     block: int = 128
+    scale_dtype: Literal["float16", "float32"] = "float16"  # of the stored scales; the codes are chosen on that grid
 
     def __post_init__(self) -> None:
         self.int_config()  # bits and group ranges
@@ -199,7 +200,7 @@ class GPTQConfig:
             raise SpecError("gptq: static_groups=true needs group > 0")
 
     def int_config(self) -> IntConfig:
-        return IntConfig(bits=self.bits, sym=self.sym, group=self.group)
+        return IntConfig(bits=self.bits, sym=self.sym, group=self.group, scale_dtype=self.scale_dtype)
 
     def options(self) -> GPTQOptions:
         return GPTQOptions(block=self.block, damp=self.damp, act_order=self.act_order, static_groups=self.static_groups)
