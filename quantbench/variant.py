@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -66,30 +65,46 @@ class TorchVariant:
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        return self._greedy(ids, torch.ones_like(ids), max_new_tokens)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of several prompts in one left-padded batch (the attention mask
+        hides the padding): each step runs every prompt at once, so a format that dequantizes
+        its weights on every forward pays that once per step, not once per prompt."""
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        return self._greedy(ids, mask, max_new_tokens)
+
+    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
         out = self.model.generate(
             input_ids=ids.to(self.device),
-            attention_mask=torch.ones_like(ids, device=self.device),
+            attention_mask=mask.to(self.device),
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,  # fixed length, so decode speed is comparable
             do_sample=False,
             num_beams=1,
             pad_token_id=getattr(self.model.generation_config, "pad_token_id", None) or 0,
         )
-        return out[0, ids.shape[1] :].tolist()
+        return out[:, ids.shape[1] :].tolist()
 
     @torch.inference_mode()
-    def decode_seconds(self, ids: torch.Tensor, n: int) -> float:
-        """Wall time of n greedy single-token steps with the KV cache, after the (1, T) prompt's
-        own prefill (not timed): what each generated token costs, argmax included."""
-        out = self.model(input_ids=ids.to(self.device), use_cache=True)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
-        sync()
-        start = time.perf_counter()
-        for _ in range(n):
-            token = out.logits[:, -1:].argmax(-1)
-            out = self.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        sync()
-        return time.perf_counter() - start
+    def decoder(self, ids: torch.Tensor) -> Callable[[], None]:
+        """Prefill the (1, T) prompt with the KV cache and return a step: each call picks the
+        greedy next token and runs it through the model as a single-token cached forward."""
+        state = self.model(input_ids=ids.to(self.device), use_cache=True)
+
+        @torch.inference_mode()
+        def step() -> None:
+            nonlocal state
+            token = state.logits[:, -1:].argmax(-1)
+            state = self.model(input_ids=token, past_key_values=state.past_key_values, use_cache=True)
+
+        return step
 
     def weight_bytes(self) -> int:
         return weight_bytes(self.model)

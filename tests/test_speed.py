@@ -8,22 +8,25 @@ from quantbench.variant import TorchVariant
 
 
 def test_decode_steps_are_what_generate_computes(tiny_model):
-    """decode_seconds runs the same greedy cached steps as generate: same tokens, so the time
-    it reports is the time of those tokens. Checked by generating through a counting model."""
+    """A decoder's steps are single-token cached forwards after one prefill of the prompt, and
+    they pick the tokens generate picks."""
     v = TorchVariant("fp32", tiny_model)
     prompt = torch.tensor([[1, 5, 9, 3]])
     calls = []
-    hook = tiny_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    hook = tiny_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"][0].tolist()), with_kwargs=True)
     try:
-        assert v.decode_seconds(prompt, 5) > 0
+        step = v.decoder(prompt)
+        for _ in range(5):
+            step()
     finally:
         hook.remove()
-    assert calls == [4, 1, 1, 1, 1, 1]  # one prefill of the prompt, then one token per step
+    assert calls[0] == [1, 5, 9, 3] and all(len(c) == 1 for c in calls[1:])  # one prefill, then a token a step
+    assert [c[0] for c in calls[1:]] == v.generate(prompt, 5)
     assert decode_tokens_per_s(v, prompt, 5) > 0
 
 
 class _Flat:
-    """A variant without its own decode timer whose generate time does not grow with n."""
+    """A variant without a decoder whose generate time does not grow with n."""
 
     name = "flat"
     device = torch.device("cpu")

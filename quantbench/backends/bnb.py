@@ -84,9 +84,9 @@ class BnbVariant(TorchVariant):
         with _quiet_int8_cast():
             return super().logits(ids)
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
         with _quiet_int8_cast():
-            return super().generate(ids, max_new_tokens)
+            return super()._greedy(ids, mask, max_new_tokens)
 
 
 @contextlib.contextmanager

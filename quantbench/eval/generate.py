@@ -21,9 +21,15 @@ PROMPTS: tuple[tuple[str, str], ...] = (
 
 
 def generations(variant: Variant, tokenizer, max_new_tokens: int = 24) -> list[dict]:
-    out = []
-    for kind, prompt in PROMPTS:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-        new = variant.generate(ids, max_new_tokens)
-        out.append({"kind": kind, "prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True)})
-    return out
+    """The continuation of every prompt: in one batch where the variant offers `generate_batch`
+    (a torch model), else one prompt at a time (llama.cpp)."""
+    prompts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for _, prompt in PROMPTS]
+    batch = getattr(variant, "generate_batch", None)
+    if batch is not None:
+        news = batch(prompts, max_new_tokens)
+    else:
+        news = [variant.generate(torch.tensor([p], dtype=torch.long), max_new_tokens) for p in prompts]
+    return [
+        {"kind": kind, "prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True)}
+        for (kind, prompt), new in zip(PROMPTS, news)
+    ]
