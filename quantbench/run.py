@@ -52,10 +52,11 @@ DEFAULT_METHODS = (
 )
 
 # What `quantbench run` measures with no --methods: one of each kind of method, chosen to keep
-# the job short on 2 CPU cores (its own time is not measured yet). The CPU decodes our packed formats slowly
-# (each step dequantizes every weight; NF4's lookup is the slowest) and bf16 runs without native
-# support on most CPUs, so the quick set leaves out what would dominate its time. Measured with
-# NF4 included: 9 min 16 s on the 2-core development machine. `--methods all` runs the matrix.
+# the job short on 2 CPU cores. Measured on the 2-core development machine (fp32 matmul about
+# 65 GFLOP/s) from an empty cache: 5 min 34 s, GPTQ's calibration and quantization a minute of it.
+# Packed formats decode slower than fp32 (each step dequantizes every weight; NF4's lookup is the
+# slowest) and bf16 runs without native support on most CPUs, so the quick set leaves those to
+# `--methods all`, which runs the benchmark matrix.
 QUICK_METHODS = (
     "fp32",
     "absmax:bits=8,granularity=channel",

@@ -66,8 +66,8 @@ def decode_tokens_per_s(variant: Variant, prompt: torch.Tensor, n: int = 32, rep
     error, not a figure."""
     decoder = getattr(variant, "decoder", None)
     if decoder is not None:
-
-        def steps() -> None:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
             step = decoder(prompt)  # the prompt's prefill, outside the timer
             _sync(variant.device)
             t = time.perf_counter()
@@ -75,10 +75,6 @@ def decode_tokens_per_s(variant: Variant, prompt: torch.Tensor, n: int = 32, rep
                 step()
             _sync(variant.device)
             times.append(time.perf_counter() - t)
-
-        times: list[float] = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            steps()
         return n / statistics.median(times[1:])
     t1 = _timed(lambda: variant.generate(prompt, 1), variant.device, repeats)
     tn = _timed(lambda: variant.generate(prompt, n + 1), variant.device, repeats)

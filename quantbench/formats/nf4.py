@@ -256,6 +256,9 @@ def quantize_dynamic(x: torch.Tensor, block: int = NESTED_BLOCK) -> tuple[torch.
     am = torch.linalg.vector_norm(xb, float("inf"), dim=1)  # (blocks,)
     inv = torch.where(am > 0, 1.0 / am, 0.0)  # an all-zero block: no NaN from 0 * inf
     v = (xb * inv.unsqueeze(1)).clamp(-1.0, 1.0)
+    # A block whose absmax is so small (< 2.9e-39) that 1 / absmax overflows: its zeros become
+    # 0 * inf = NaN, which bnb stores as code 0 (checked against quantize_blockwise), as table[0].
+    v = torch.where(torch.isnan(v), -1.0, v)
     grid = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)  # truncation, as the C cast
     codes = torch.where(am.unsqueeze(1) > 0, table[grid], 0)
     return codes.to(torch.uint8).reshape(-1)[:n], am

@@ -288,6 +288,18 @@ def test_double_quant_can_flip_a_small_block(bnb, kind):
     assert_same_as_bnb(bnb, w, kind, 64, True)
 
 
+def test_nested_quantization_of_a_block_too_small_to_invert(bnb):
+    """Double quantization sees absmax - mean; when all blocks are equal those are zeros or
+    denormals below 2.9e-39, whose inverse overflows: zeros then give 0 * inf = NaN, which bnb
+    stores as code 0. Found by hypothesis (NaN once indexed out of the code table)."""
+    from quantbench.formats.nf4 import quantize_dynamic
+
+    x = torch.cat([torch.full((5,), 8.9683e-44), torch.zeros(5), torch.full((3,), -4e-44)])
+    codes, absmax = quantize_dynamic(x)
+    ref_codes, state = bnb.quantize_blockwise(x, blocksize=256)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, state.absmax)
+
+
 @pytest.mark.slow
 def test_same_bytes_as_bitsandbytes_on_the_embedded_model(bnb):
     from quantbench.sources import load_reference

@@ -146,3 +146,17 @@ def test_gptq_model_beats_rtn_and_is_deterministic(tiny_ref):
     assert mean_kl(tiny_ref.model, a.model, ids) < mean_kl(tiny_ref.model, rtn.model, ids)
     # the reference is untouched
     assert not any(isinstance(m, QLinear) for m in tiny_ref.model.modules())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_scale_dtype_is_what_the_layers_store(tiny_ref, method):
+    """scale_dtype=float32 (llm-compressor's choice on a float32 model) reaches the stored
+    QTensors; the default stays float16, the GPTQ checkpoint layout's."""
+    calib = make_calib(4, 32)
+    for dtype in ("float16", "float32"):
+        v = parse_method(f"{method}:bits=4,group=32,scale_dtype={dtype}").build(tiny_ref, calib)
+        qs = [m.qtensor for m in v.model.modules() if isinstance(m, QLinear)]
+        assert qs and all(q.scale.dtype == getattr(torch, dtype) for q in qs)
+        assert all(s.endswith(f"scale_dtype={dtype}") == (dtype == "float32") for s in v.layer_specs.values())
+    with pytest.raises(SpecError, match="float16, float32"):
+        parse_method(f"{method}:scale_dtype=bfloat16")
