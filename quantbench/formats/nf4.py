@@ -302,7 +302,7 @@ def dequantize(q: NF4QTensor) -> torch.Tensor:
     """(out, in) float32: code[index] * absmax of its block, one float32 multiply (as bnb).
 
     Each byte is looked up once for its two values (a 256-entry table), and the block scales
-    are applied in place: three times faster than unpacking codes first, the same floats."""
+    are applied in place: fewer passes over memory than unpacking codes first, the same floats."""
     cfg: NF4Config = q.config
     n = q.numel
     blocks = -(-n // cfg.block)
