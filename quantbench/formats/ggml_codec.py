@@ -42,6 +42,15 @@ class BlockCodec:
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def quantize_all(cls, x: torch.Tensor) -> torch.Tensor:
+        """All blocks of a tensor (n_blocks, block_size) -> (n_blocks, type_size) uint8, in chunks
+        of `chunk_blocks` so that the temporaries of each step stay small."""
+        out = torch.empty((x.shape[0], cls.type_size), dtype=torch.uint8, device=x.device)
+        for i in range(0, x.shape[0], cls.chunk_blocks):
+            cls.quantize_blocks(x[i : i + cls.chunk_blocks], out=out[i : i + cls.chunk_blocks])
+        return out
+
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -110,9 +119,17 @@ def roundf(v: torch.Tensor) -> torch.Tensor:
 
 # -- bytes ----------------------------------------------------------------------------------
 
+def f16_pieces(d: torch.Tensor) -> list[torch.Tensor]:
+    """(n, 1) float32 -> its fp16 (ggml's FP32_TO_FP16, round to nearest even) as two (n, 1)
+    uint8, little-endian. Integer shifts rather than a view as bytes, which a compiled kernel
+    cannot do across sizes; two pieces so that a caller's one `cat` writes them into a block."""
+    h = d.to(torch.float16).view(torch.int16).to(torch.int32)
+    return [(h & 0xFF).to(torch.uint8), ((h >> 8) & 0xFF).to(torch.uint8)]
+
+
 def f16_bytes(d: torch.Tensor) -> torch.Tensor:
-    """(n,) float32 -> (n, 2) uint8: ggml's FP32_TO_FP16 (round to nearest even), little-endian."""
-    return d.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+    """(n,) or (n, 1) float32 -> (n, 2) uint8: its fp16, little-endian."""
+    return torch.cat(f16_pieces(d.reshape(-1, 1)), dim=-1)
 
 
 def f16_value(b: torch.Tensor) -> torch.Tensor:
@@ -123,13 +140,12 @@ def f16_value(b: torch.Tensor) -> torch.Tensor:
 def or_fields(fields: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
     """Pack small unsigned codes along `dim` into one uint8: field k lands at bit k * width.
 
-    The fields are disjoint, so the OR is a sum. `fields` holds values below 2**width.
+    `fields` holds integer values below 2**width.
     """
-    k = fields.shape[dim]
-    shape = [1] * fields.dim()
-    shape[dim] = k
-    shifts = (torch.arange(k, device=fields.device, dtype=torch.uint8) * width).reshape(shape)
-    return (fields.to(torch.uint8) << shifts).sum(dim, dtype=torch.uint8)
+    acc = fields.select(dim, 0)
+    for k in range(1, fields.shape[dim]):  # ors, not a sum: elementwise, so it fuses when compiled
+        acc = acc | fields.select(dim, k) << (k * width)
+    return acc.to(torch.uint8)  # in the input's integer type until here: SIMD has no 8-bit shifts
 
 
 def split_fields(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:

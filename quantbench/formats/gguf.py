@@ -114,10 +114,7 @@ class GGUFFormat:
         codec = CODECS[cfg.ggml_type]
         rows, n = w.shape
         x = w.reshape(-1, codec.block_size)  # (n_blocks, block_size), row after row
-        step = codec.chunk_blocks
-        blocks = torch.empty((x.shape[0], codec.type_size), dtype=torch.uint8, device=w.device)
-        for i in range(0, x.shape[0], step):
-            codec.quantize_blocks(x[i : i + step], out=blocks[i : i + step])
+        blocks = codec.quantize_all(x)
         scales = blocks[:, codec.f16_fields].contiguous().view(torch.float16)
         if bool(torch.isinf(scales).any()):
             raise ValueError(

@@ -22,14 +22,22 @@ one, on ties), so that value maps exactly to the lowest code: d = max / -8 (Q4_0
 (Q5_0); Q8_0 uses amax / 127. The `_1` types spread [min, max] over 2**bits - 1 steps.
 Rounding: Q8_0 rounds halves away from zero (C `roundf`); Q4_x/Q5_x add 0.5 (8.5, 16.5 with the
 offset) and truncate, which is the same for the non-negative values they round.
+
+Two paths per type. `fast` is one fused kernel on the CPU (see `fused`) for the ordinary block;
+it flags the blocks where ggml's scan order or the sign of a zero decides a byte (a tie between
++a and -a for the largest magnitude, a zero extreme, a scale too small to invert), and `exact`
+redoes just those, step by step as ggml does.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, unbits_le
+from .fused import fused
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_pieces, f16_value, register_codec, roundf, signed_absmax, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -98,13 +106,107 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     return bits_le(q >> 4)
 
 
-# The legacy codecs write each field straight into its bytes of `out` (n, type_size).
-@register_codec(T.Q8_0)
-class Q8_0(BlockCodec):
-    f16_fields = slice(0, 2)
+def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) int32 codes -> (n, 16) uint8: low nibbles of q[j] and q[j + 16], as `_nibbles`."""
+    return ((q[:, :16] & 0xF) | (q[:, 16:] & 0xF) << 4).to(torch.uint8)
+
+
+def _symmetric_fast(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q5_0 for blocks whose largest magnitude is one nonzero value: codes (n, 32) int32,
+    the fp16 bytes of d (two (n, 1)), and the blocks to redo exactly (n,) bool."""
+    half = 2 ** (bits - 1)
+    hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+    mx = torch.where(hi >= -lo, hi, lo)
+    d = fdiv(mx, -half)
+    inv = fdiv(1.0, d)
+    q = (x * inv + (half + 0.5)).to(torch.int32).clamp(max=2**bits - 1)
+    redo = (hi == -lo) | (mx == 0) | torch.isinf(inv)
+    return q, f16_pieces(d), redo[:, 0]
+
+
+def _affine_fast(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1/Q5_1 for blocks with nonzero extremes and a spread: codes (n, 32) int32, the fp16
+    bytes of d and m (four (n, 1)), and the blocks to redo exactly (n,) bool."""
+    hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+    d = fdiv(hi - lo, 2**bits - 1)
+    inv = fdiv(1.0, d)
+    q = ((x - lo) * inv + 0.5).to(torch.int32).clamp(max=2**bits - 1)
+    redo = (lo == 0) | (hi == 0) | (d == 0) | torch.isinf(inv)
+    return q, f16_pieces(d) + f16_pieces(lo), redo[:, 0]
+
+
+@fused
+def _q8_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)
+    inv = torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
+    q = roundf(x * inv).to(torch.int32) & 0xFF  # two's complement int8
+    return torch.cat([*f16_pieces(d), q.to(torch.uint8)], dim=-1), torch.isinf(inv)[:, 0]
+
+
+@fused
+def _q4_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, d, redo = _symmetric_fast(x, 4)
+    return torch.cat([*d, _nibble_bytes(q)], dim=-1), redo
+
+
+@fused
+def _q4_1_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, dm, redo = _affine_fast(x, 4)
+    return torch.cat([*dm, _nibble_bytes(q)], dim=-1), redo
+
+
+@fused
+def _q5_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, d, redo = _symmetric_fast(x, 5)
+    return torch.cat([*d, _fifth_bits(q), _nibble_bytes(q)], dim=-1), redo
+
+
+@fused
+def _q5_1_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, dm, redo = _affine_fast(x, 5)
+    return torch.cat([*dm, _fifth_bits(q), _nibble_bytes(q)], dim=-1), redo
+
+
+class _Legacy(BlockCodec):
+    """A legacy type: `fast` (fused, returns the blocks and the rows to redo) and `exact`, which
+    writes each field straight into its bytes of `out` (n, type_size)."""
+
+    fast: ClassVar  # a `fused` function: blocks (n, type_size) uint8 and the rows to redo (n,) bool
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def quantize_blocks(cls, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        blocks, redo = cls.fast(x)
+        out.copy_(blocks)
+        cls._redo(x, out, redo)
+        return out
+
+    @classmethod
+    def quantize_all(cls, x: torch.Tensor) -> torch.Tensor:
+        """Compiled, the kernel makes no temporaries: one call for the whole tensor, no copy."""
+        if not cls.fast.compiles_for(x):
+            return super().quantize_all(x)
+        blocks, redo = cls.fast(x)
+        cls._redo(x, blocks, redo)
+        return blocks
+
+    @classmethod
+    def _redo(cls, x: torch.Tensor, out: torch.Tensor, redo: torch.Tensor) -> None:
+        if bool(redo.any()):
+            rows = redo.nonzero()[:, 0]
+            out[rows] = cls.exact(x[rows], torch.empty_like(out[rows]))
+
+
+@register_codec(T.Q8_0)
+class Q8_0(_Legacy):
+    f16_fields = slice(0, 2)
+    fast = staticmethod(_q8_0_fast)
+
+    @staticmethod
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)  # (n, 1)
         inv = _inverse(d)
         q = roundf(x * inv)
@@ -120,11 +222,12 @@ class Q8_0(BlockCodec):
 
 
 @register_codec(T.Q4_0)
-class Q4_0(BlockCodec):
+class Q4_0(_Legacy):
     f16_fields = slice(0, 2)
+    fast = staticmethod(_q4_0_fast)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 4)
         out[:, :2] = f16_bytes(d)
         _nibbles(q, out[:, 2:])
@@ -136,11 +239,12 @@ class Q4_0(BlockCodec):
 
 
 @register_codec(T.Q4_1)
-class Q4_1(BlockCodec):
+class Q4_1(_Legacy):
     f16_fields = slice(0, 4)
+    fast = staticmethod(_q4_1_fast)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 4)
         out[:, :2], out[:, 2:4] = f16_bytes(d), f16_bytes(m)
         _nibbles(q, out[:, 4:])
@@ -152,11 +256,12 @@ class Q4_1(BlockCodec):
 
 
 @register_codec(T.Q5_0)
-class Q5_0(BlockCodec):
+class Q5_0(_Legacy):
     f16_fields = slice(0, 2)
+    fast = staticmethod(_q5_0_fast)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d = _symmetric_codes(x, 5)
         out[:, :2], out[:, 2:6] = f16_bytes(d), _fifth_bits(q)
         _nibbles(q & 0xF, out[:, 6:])
@@ -169,11 +274,12 @@ class Q5_0(BlockCodec):
 
 
 @register_codec(T.Q5_1)
-class Q5_1(BlockCodec):
+class Q5_1(_Legacy):
     f16_fields = slice(0, 4)
+    fast = staticmethod(_q5_1_fast)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         q, d, m = _affine_codes(x, 5)
         out[:, :2], out[:, 2:4], out[:, 4:8] = f16_bytes(d), f16_bytes(m), _fifth_bits(q)
         _nibbles(q & 0xF, out[:, 8:])

@@ -37,8 +37,9 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from .fused import fused, seq_sum
 from .ggml_codec import BlockCodec, f16_bytes, fdiv, f16_value, nearest_int, or_fields, register_codec, split_fields
-from .kquants_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants, seq_sum
+from .kquants_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants
 
 
 def _element_major(x: torch.Tensor, sub: int) -> torch.Tensor:
@@ -64,8 +65,13 @@ def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, L: to
     """
     d = d.unsqueeze(-1)
     v = x / d if dm is None else (x + dm.unsqueeze(-1)) / d
-    q = nearest_int(v).clamp_(lo, hi).float()
+    q = nearest_int(v).clamp(lo, hi).float()
     return torch.where(d != 0, q, L)
+
+
+def _as_f16(d: torch.Tensor) -> torch.Tensor:
+    """The float32 value of d's fp16, what a reader of the stored scale sees (`f16_value` of its bytes)."""
+    return d.to(torch.float16).float()
 
 
 def _two_bit_fields(q: torch.Tensor) -> torch.Tensor:
@@ -90,39 +96,40 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _qkx_superblock(x: torch.Tensor, sub: int, scale_bits: int, nmax: int, weights, search: dict):
-    """Q2_K/Q4_K/Q5_K: search each sub-block, quantize scales and mins to `scale_bits` against
-    d = max_scale / (2**scale_bits - 1), then requantize. Returns codes (B, 256), the scale and
-    min codes (B, n_sub) uint8, and d, dmin as fp16 bytes."""
+def _qkx_scales(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, sub: int, scale_bits: int, nmax: int):
+    """Q2_K/Q4_K/Q5_K after the sub-block search (`make_qkx2_quants`, element-major L (sub, S)):
+    quantize scales and mins to `scale_bits` against d = max_scale / (2**scale_bits - 1), then
+    requantize. Returns codes (B, 256) uint8, the scale and min codes (B, n_sub) uint8, and
+    d, dmin as fp16 bytes (B, 2)."""
     B = x.shape[0]
-    xt = _element_major(x, sub)
-    L, scales, mins = make_qkx2_quants(xt, weights(xt), nmax, **search)
     scales, mins = scales.reshape(B, -1), mins.reshape(B, -1)
     top = float(2**scale_bits - 1)
     codes = []
     for v in (scales, mins):
         vmax = _positive_max(v)
         inv = torch.where(vmax > 0, fdiv(top, vmax), torch.zeros_like(vmax))
-        codes.append((nearest_int(inv[:, None] * v) & 0xFF).clamp_(max=int(top)).to(torch.uint8))
-        codes.append(f16_bytes(fdiv(vmax, top)))
-    sc, d_bytes, mn, dmin_bytes = codes
-    d = f16_value(d_bytes) * sc.float()  # (B, n_sub)
-    dm = f16_value(dmin_bytes) * mn.float()
+        codes.append((nearest_int(inv[:, None] * v) & 0xFF).clamp(max=int(top)).to(torch.uint8))
+        codes.append(fdiv(vmax, top)[:, None])
+    sc, d, mn, dmin = codes
+    d_bytes, dmin_bytes = f16_bytes(d), f16_bytes(dmin)
+    d = _as_f16(d) * sc.float()  # (B, n_sub)
+    dm = _as_f16(dmin) * mn.float()
     L = _requantize(x.reshape(B, -1, sub), d, dm, _block_major(L, B), 0, nmax).reshape(B, -1)
     return L.to(torch.uint8), sc, mn, d_bytes, dmin_bytes
 
 
+# Each codec: the sub-block search (its candidates fused one call each), then one fused call
+# for everything after it (scale codes, requantization, bit packing).
 @register_codec(T.Q2_K)
 class Q2_K(BlockCodec):
-    chunk_blocks = 1 << 10
+    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine (eager: 1 << 10 was)
     f16_fields = slice(80, 84)
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        search = dict(rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
-        L, sc, mn, d, dmin = _qkx_superblock(x, 16, 4, 3, torch.abs, search)
-        # ggml stores the min code with `scales[j] |= l << 4` into a byte: only its low 4 bits fit
-        return torch.cat([sc | (mn << 4), _two_bit_fields(L), d, dmin], dim=1, out=out)
+        xt = _element_major(x, 16)
+        L, scales, mins = make_qkx2_quants(xt, xt.abs(), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+        return out.copy_(_q2k_blocks(x, L, scales, mins))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -133,6 +140,14 @@ class Q2_K(BlockCodec):
         return (dl * _from_two_bit_fields(b[:, 16:80]).float() - ml).reshape(-1, 256)
 
 
+@fused
+def _q2k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    L, sc, mn, d, dmin = _qkx_scales(x, L, scales, mins, 16, 4, 3)
+    # ggml stores the min code with `scales[j] |= l << 4` into a byte: only its low 4 bits fit
+    return torch.cat([sc | (mn << 4), _two_bit_fields(L), d, dmin], dim=1)
+
+
+@fused
 def _q4k_weights(xt: torch.Tensor) -> torch.Tensor:
     """ggml's Q4_K/Q5_K search weights: the sub-block's RMS plus |x|.
 
@@ -142,11 +157,29 @@ def _q4k_weights(xt: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(fdiv(seq_sum(xt * xt), 32).double()).float() + xt.abs()
 
 
-def _k4_quantize(x: torch.Tensor, nmax: int, search: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _k4_head_low(x, L, scales, mins, nmax: int):
     """Q4_K/Q5_K: (d, dmin, scales) bytes (B, 16), codes (B, 256), their low nibbles packed (B, 128)."""
-    L, sc, mn, d, dmin = _qkx_superblock(x, 32, 6, nmax, _q4k_weights, search)
+    L, sc, mn, d, dmin = _qkx_scales(x, L, scales, mins, 32, 6, nmax)
     low = or_fields((L & 0xF).reshape(-1, 4, 2, 32), 4).reshape(-1, 128)
     return torch.cat([d, dmin, _pack_scale_min_k4(sc, mn)], dim=1), L, low
+
+
+def _k4_search(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    xt = _element_major(x, 32)
+    return make_qkx2_quants(xt, _q4k_weights(xt), nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False)
+
+
+@fused
+def _q4k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    head, _, low = _k4_head_low(x, L, scales, mins, 15)
+    return torch.cat([head, low], dim=1)
+
+
+@fused
+def _q5k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    head, L, low = _k4_head_low(x, L, scales, mins, 31)
+    qh = or_fields((L >> 4).reshape(-1, 8, 32), 1)
+    return torch.cat([head, qh, low], dim=1)
 
 
 def _k4_dequantize(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -162,13 +195,12 @@ def _k4_low(qs: torch.Tensor) -> torch.Tensor:
 
 @register_codec(T.Q4_K)
 class Q4_K(BlockCodec):
-    chunk_blocks = 1 << 10
+    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine (eager: 1 << 10 was)
     f16_fields = slice(0, 4)
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        head, _, low = _k4_quantize(x, 15, dict(rmin=-1.0, rdelta=0.1, nstep=20, use_mad=False))
-        return torch.cat([head, low], dim=1, out=out)
+        return out.copy_(_q4k_blocks(x, *_k4_search(x, 15, rmin=-1.0, nstep=20)))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -177,14 +209,12 @@ class Q4_K(BlockCodec):
 
 @register_codec(T.Q5_K)
 class Q5_K(BlockCodec):
-    chunk_blocks = 1 << 10
+    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine (eager: 1 << 10 was)
     f16_fields = slice(0, 4)
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        head, L, low = _k4_quantize(x, 31, dict(rmin=-0.5, rdelta=0.1, nstep=15, use_mad=False))
-        qh = or_fields((L >> 4).reshape(-1, 8, 32), 1)
-        return torch.cat([head, qh, low], dim=1, out=out)
+        return out.copy_(_q5k_blocks(x, *_k4_search(x, 31, rmin=-0.5, nstep=15)))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -192,27 +222,34 @@ class Q5_K(BlockCodec):
         return _k4_dequantize(b, _k4_low(b[:, 48:]) | high << 4)
 
 
+@fused
+def _q3k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, max_scale: torch.Tensor) -> torch.Tensor:
+    B = x.shape[0]
+    has = max_scale != 0
+    iscale = fdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    s = nearest_int(iscale[:, None] * scales.reshape(B, 16)).clamp(-32, 31) + 32
+    s = torch.where(has[:, None], s, torch.zeros_like(s)).to(torch.uint8)  # (B, 16) 6-bit
+    d = torch.where(has, fdiv(1.0, iscale), torch.zeros_like(iscale))[:, None]
+    d_bytes = f16_bytes(d)
+    d = _as_f16(d) * (s.float() - 32)
+    L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 4, -4, 3) + 4
+    L = L.reshape(B, 256).to(torch.uint8)
+    hmask = or_fields((L >> 2).reshape(B, 8, 32), 1)
+    packed_s = torch.cat([(s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4, or_fields((s >> 4).reshape(B, 4, 4), 2)], 1)
+    return torch.cat([hmask, _two_bit_fields(L & 3), packed_s, d_bytes], dim=1)
+
+
 @register_codec(T.Q3_K)
 class Q3_K(BlockCodec):
-    chunk_blocks = 1 << 13
+    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine
     f16_fields = slice(108, 110)
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
         L, scales = make_q3_quants(_element_major(x, 16), 4)
-        _, max_scale = first_absmax(scales.reshape(B, 16).T)
-        has = max_scale != 0
-        iscale = fdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
-        s = nearest_int(iscale[:, None] * scales.reshape(B, 16)).clamp_(-32, 31) + 32
-        s = torch.where(has[:, None], s, torch.zeros_like(s)).to(torch.uint8)  # (B, 16) 6-bit
-        d_bytes = f16_bytes(torch.where(has, fdiv(1.0, iscale), torch.zeros_like(iscale)))
-        d = f16_value(d_bytes) * (s.float() - 32)
-        L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 4, -4, 3) + 4
-        L = L.reshape(B, 256).to(torch.uint8)
-        hmask = or_fields((L >> 2).reshape(B, 8, 32), 1)
-        packed_s = torch.cat([(s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4, or_fields((s >> 4).reshape(B, 4, 4), 2)], 1)
-        return torch.cat([hmask, _two_bit_fields(L & 3), packed_s, d_bytes], dim=1, out=out)
+        _, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
+        return out.copy_(_q3k_blocks(x, L, scales, max_scale))
+
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -227,28 +264,34 @@ class Q3_K(BlockCodec):
         return (dl * q).reshape(-1, 256)
 
 
+@fused
+def _q6k_blocks(x, L, scales, max_abs, max_scale) -> torch.Tensor:
+    B = x.shape[0]
+    scales = scales.reshape(B, 16)
+    blank = max_abs < GROUP_MAX_EPS  # the whole super-block is stored as zeros
+    iscale = fdiv(-128.0, torch.where(blank, torch.ones_like(max_scale), max_scale))
+    d = fdiv(1.0, iscale)[:, None]
+    d_bytes = f16_bytes(d)
+    sc = nearest_int(iscale[:, None] * scales).clamp(max=127)  # (B, 16) in [-128, 127]
+    d = _as_f16(d) * sc.float()
+    L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 32, -32, 31) + 32
+    L = L.reshape(B, 2, 4, 32).to(torch.uint8)
+    ql = or_fields((L & 0xF).reshape(B, 2, 2, 2, 32), 4, dim=-3).reshape(B, 128)
+    qh = or_fields(L >> 4, 2).reshape(B, 64)
+    blocks = torch.cat([ql, qh, (sc & 0xFF).to(torch.uint8), d_bytes], dim=1)  # sc: two's complement int8
+    return torch.where(blank[:, None], torch.zeros_like(blocks), blocks)
+
+
 @register_codec(T.Q6_K)
 class Q6_K(BlockCodec):
-    chunk_blocks = 1 << 10
+    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine (eager: 1 << 10 was)
     f16_fields = slice(208, 210)
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
         L, scales = make_qx_quants(_element_major(x, 16), 32)
-        scales = scales.reshape(B, 16)
-        max_abs, max_scale = first_absmax(scales.T)
-        blank = max_abs < GROUP_MAX_EPS  # the whole super-block is stored as zeros
-        iscale = fdiv(-128.0, torch.where(blank, torch.ones_like(max_scale), max_scale))
-        d_bytes = f16_bytes(fdiv(1.0, iscale))
-        sc = nearest_int(iscale[:, None] * scales).clamp_(max=127)  # (B, 16) in [-128, 127]
-        d = f16_value(d_bytes) * sc.float()
-        L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 32, -32, 31) + 32
-        L = L.reshape(B, 2, 4, 32).to(torch.uint8)
-        ql = or_fields((L & 0xF).reshape(B, 2, 2, 2, 32), 4, dim=-3).reshape(B, 128)
-        qh = or_fields(L >> 4, 2).reshape(B, 64)
-        torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1, out=out)
-        return out.masked_fill_(blank[:, None], 0)
+        max_abs, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
+        return out.copy_(_q6k_blocks(x, L, scales, max_abs, max_scale))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

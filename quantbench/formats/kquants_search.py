@@ -17,17 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .fused import fused, seq_sum
 from .ggml_codec import fdiv, nearest_int, signed_absmax
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a sub-block whose largest |x| is below this is all zero
-
-
-def seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 in index order, in float32: `for (i...) s += t[i]` as ggml writes it."""
-    acc = t[0].clone()
-    for i in range(1, t.shape[0]):
-        acc += t[i]
-    return acc
 
 
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,33 +47,50 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
-    wx = w * x
     # is = 0 is ggml's first try; the other 18 follow in ggml's order
     steps = _f32([0] + [i for i in range(-9, 10) if i != 0])
     factors = torch.from_numpy(-(_f32(nmax) + _f32(0.1) * steps)).to(x.device)  # (C,)
-
-    def codes(iscale: torch.Tensor) -> torch.Tensor:
-        return torch.round(x * iscale).clamp_(-nmax, nmax - 1)  # (n, S)
-
-    sums = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=x.dtype, device=x.device)  # (n, 2, S)
+    scale, best = _qx_first(x, mx, factors[0], nmax)
     choice = torch.zeros_like(mx, dtype=torch.long)
-    for c in range(len(steps)):
-        L = codes(fdiv(factors[c].expand_as(mx), mx))
-        torch.mul(wx, L, out=sums[:, 0])
-        torch.mul(w, L, out=sums[:, 1]).mul_(L)
-        sumlx, suml2 = seq_sum(sums)
-        ratio = sumlx / suml2
-        if c == 0:
-            scale = torch.where(suml2 != 0, ratio, torch.zeros_like(ratio))
-            best = scale * sumlx
-            continue
-        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        scale = torch.where(take, ratio, scale)
-        best = torch.where(take, ratio * sumlx, best)
-        choice = torch.where(take, c, choice)
-    L = codes(fdiv(factors[choice], mx)) + nmax
+    for c in range(1, len(steps)):
+        scale, best, choice = _qx_next(x, mx, factors[c], torch.tensor(c, device=x.device), scale, best, choice, nmax)
+    return _qx_final(x, fdiv(factors[choice], mx), zero, scale, nmax)
+
+
+@fused
+def _qx_final(x: torch.Tensor, iscale: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, nmax: int):
+    """The winners' codes, offset to >= 0; a sub-block of zeros gets code 0 and scale 0."""
+    L = _qx_codes(x, iscale, nmax) + nmax
     return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _qx_codes(x: torch.Tensor, iscale: torch.Tensor, nmax: int) -> torch.Tensor:
+    return torch.round(x * iscale).clamp(-nmax, nmax - 1)  # (n, S)
+
+
+def _qx_sums(x: torch.Tensor, mx: torch.Tensor, factor: torch.Tensor, nmax: int):
+    """sum(w x l) and sum(w l**2) of one candidate (S,), ggml's order: (w * x) * l, (w * l) * l."""
+    iscale = fdiv(factor.expand_as(mx), mx)
+    rows = range(x.shape[0])
+    L = [_qx_codes(x[i], iscale, nmax) for i in rows]
+    w = [x[i] * x[i] for i in rows]
+    return seq_sum([w[i] * x[i] * L[i] for i in rows]), seq_sum([w[i] * L[i] * L[i] for i in rows])
+
+
+@fused
+def _qx_first(x: torch.Tensor, mx: torch.Tensor, factor: torch.Tensor, nmax: int):
+    sumlx, suml2 = _qx_sums(x, mx, factor, nmax)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return scale, scale * sumlx
+
+
+@fused
+def _qx_next(x, mx, factor, c, scale, best, choice, nmax: int):
+    """Candidate c >= 1: taken when it beats the best so far (compared as ggml does, cross-multiplied)."""
+    sumlx, suml2 = _qx_sums(x, mx, factor, nmax)
+    ratio = sumlx / suml2
+    take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+    return torch.where(take, ratio, scale), torch.where(take, ratio * sumlx, best), torch.where(take, c, choice)
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,39 +100,51 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     descent: each weight in turn moves to the level that is optimal given the others, if that
     raises sum(w x l)**2 / sum(w l**2) with w = x**2. The sweeps are sequential within a
     sub-block (each move changes the sums the next one sees) and parallel across sub-blocks.
+    ggml stops a sub-block after a sweep that changed nothing; sweeping it again would change
+    nothing either (same state, same decisions), so all sub-blocks sweep until none changes.
     x (n, S) -> codes l + nmax (n, S) float32, scale (S,).
     """
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    L = torch.round(fdiv(float(-nmax), mx) * x).clamp_(-nmax, nmax - 1)  # (n, S)
-    w = x * x
-    wx = w * x
-    sumlx = seq_sum(wx * L)
-    suml2 = seq_sum(w * L * L)
-    active = torch.arange(x.shape[1], device=x.device)  # sub-blocks still changing
+    L, sumlx, suml2 = _q3_start(x, fdiv(float(-nmax), mx), nmax)
     for _ in range(5):
-        # a sub-block whose sweep changed nothing would repeat itself: ggml stops it, so do we
-        xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
-        sx, s2 = sumlx[active], suml2[active]
-        changed = torch.zeros_like(sx, dtype=torch.bool)
-        for i in range(x.shape[0]):
-            slx = sx - wxa[i] * La[i]
-            sl2 = s2 - wa[i] * La[i] * La[i]
-            new_l = nearest_int(xa[i] * sl2 / slx).clamp_(-nmax, nmax - 1).float()
-            new_slx = slx + wxa[i] * new_l
-            new_sl2 = sl2 + wa[i] * new_l * new_l
-            take = (slx > 0) & (new_l != La[i]) & (new_sl2 > 0) & (new_slx * new_slx * s2 > sx * sx * new_sl2)
-            La[i] = torch.where(take, new_l, La[i])
-            sx = torch.where(take, new_slx, sx)
-            s2 = torch.where(take, new_sl2, s2)
-            changed |= take
-        L[:, active], sumlx[active], suml2[active] = La, sx, s2
-        active = active[changed]
-        if active.numel() == 0:
+        L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
+        if not bool(changed.any()):
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
     return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
+
+
+@fused
+def _q3_start(x: torch.Tensor, iscale: torch.Tensor, nmax: int):
+    rows = range(x.shape[0])
+    L = [torch.round(iscale * x[i]).clamp(-nmax, nmax - 1) for i in rows]
+    w = [x[i] * x[i] for i in rows]
+    sumlx = seq_sum([w[i] * x[i] * L[i] for i in rows])
+    suml2 = seq_sum([w[i] * L[i] * L[i] for i in rows])
+    return torch.stack(L), sumlx, suml2
+
+
+@fused
+def _q3_sweep(x: torch.Tensor, L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int):
+    """One sweep over the n weights of every sub-block: L (n, S), the sums (S,)."""
+    rows = [L[i] for i in range(x.shape[0])]
+    changed = torch.zeros_like(sumlx, dtype=torch.bool)
+    for i, l in enumerate(rows):
+        w = x[i] * x[i]
+        wx = w * x[i]
+        slx = sumlx - wx * l
+        sl2 = suml2 - w * l * l
+        new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1).float()
+        new_slx = slx + wx * new_l
+        new_sl2 = sl2 + w * new_l * new_l
+        take = (slx > 0) & (new_l != l) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+        rows[i] = torch.where(take, new_l, l)
+        sumlx = torch.where(take, new_slx, sumlx)
+        suml2 = torch.where(take, new_sl2, suml2)
+        changed = changed | take
+    return torch.stack(rows), sumlx, suml2, changed
 
 
 def make_qkx2_quants(
@@ -138,51 +160,79 @@ def make_qkx2_quants(
     each vectorised over all sub-blocks.
     x, w (n, S) -> codes (n, S) float32, scale (S,), the_min (S,) (ggml returns -min).
     """
-    mn = x.amin(dim=0)
-    mx = x.amax(dim=0)
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    mx, mn, sum_w, sum_x, used_iscale, scale, best = _qkx2_start(x, w, float(nmax), nmax, use_mad)
     flat = mx == mn
-
-    def inverse_scale(factor: float, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        iscale = fdiv(factor, mx - mn)  # (S,), inf where max - min is tiny
-        # ggml's nearest_int of inf * x (or NaN) is 0 after the clamp, as rounding 0 * x is
-        return torch.where(torch.isinf(iscale), torch.zeros_like(iscale), iscale), iscale
-
-    def round_codes(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
-        return torch.round((x - mn).mul_(iscale)).clamp_(0, nmax)
-
-    def error(scale: torch.Tensor, mn: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        diff = (scale * L).add_(mn).sub_(x)
-        return seq_sum(w * (diff.abs_() if use_mad else diff.mul_(diff)))
-
-    # the codes of the best candidate are rebuilt at the end from its inverse scale and min
-    used_iscale, raw = inverse_scale(float(nmax), mn)
     used_mn = mn
-    scale = fdiv(1.0, raw)
-    best = error(scale, mn, round_codes(used_iscale, mn))
-    stacked = torch.empty((x.shape[0], 3) + x.shape[1:], dtype=x.dtype, device=x.device)  # (n, 3, S)
     for f in _f32(rmin) + _f32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + _f32(nmax):
-        iscale, _ = inverse_scale(float(f), mn)
-        Lc = round_codes(iscale, mn)
-        wl = torch.mul(w, Lc, out=stacked[:, 0])
-        torch.mul(wl, Lc, out=stacked[:, 1])
-        torch.mul(wl, x, out=stacked[:, 2])
-        sum_l, sum_l2, sum_xl = seq_sum(stacked)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        clamp = this_min > 0
-        this_scale = torch.where(clamp, sum_xl / sum_l2, this_scale)
-        this_min = torch.where(clamp, torch.zeros_like(this_min), this_min)
-        cur = error(this_scale, this_min, Lc)
-        take = (D > 0) & (cur < best)
-        best = torch.where(take, cur, best)
-        scale = torch.where(take, this_scale, scale)
-        used_iscale = torch.where(take, iscale, used_iscale)
-        used_mn = torch.where(take, mn, used_mn)
-        mn = torch.where(take, this_min, mn)
-    L = round_codes(used_iscale, used_mn)
-    zeros = torch.zeros_like(scale)
-    return torch.where(flat, torch.zeros_like(L), L), torch.where(flat, zeros, scale), -mn
+        factor = torch.tensor(f, dtype=torch.float32, device=x.device)
+        mn, best, scale, used_iscale, used_mn = _qkx2_next(
+            x, w, sum_w, sum_x, mx, factor, mn, best, scale, used_iscale, used_mn, nmax, use_mad
+        )
+    return _qkx2_final(x, used_iscale, used_mn, flat, scale, mn, nmax)
+
+
+@fused
+def _qkx2_final(x, iscale, mn_used, flat, scale, mn, nmax: int):
+    """The best fit's codes; a flat sub-block (max == min) gets codes 0 and scale 0."""
+    L = _qkx2_codes(x, iscale, mn_used, nmax)
+    return torch.where(flat, torch.zeros_like(L), L), torch.where(flat, torch.zeros_like(scale), scale), -mn
+
+
+def _qkx2_inverse_scale(factor, mx: torch.Tensor, mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """factor / (max - min), and the same with inf (max - min tiny) replaced by 0: ggml's
+    nearest_int of inf * x (or NaN) is 0 after the clamp, as rounding 0 * x is."""
+    f = factor.expand_as(mx) if isinstance(factor, torch.Tensor) else factor
+    iscale = fdiv(f, mx - mn)  # (S,)
+    return torch.where(torch.isinf(iscale), torch.zeros_like(iscale), iscale), iscale
+
+
+def _qkx2_codes(x: torch.Tensor, iscale: torch.Tensor, mn: torch.Tensor, nmax: int) -> torch.Tensor:
+    return torch.round((x - mn) * iscale).clamp(0, nmax)
+
+
+def _qkx2_error(x, w, scale, mn, L, use_mad: bool) -> torch.Tensor:
+    """sum(w * |scale * l + min - x|) or with the square, in ggml's order, over rows."""
+    diff = [scale * L[i] + mn - x[i] for i in range(x.shape[0])]
+    return seq_sum([w[i] * (d.abs() if use_mad else d * d) for i, d in enumerate(diff)])
+
+
+@fused
+def _qkx2_start(x: torch.Tensor, w: torch.Tensor, top: float, nmax: int, use_mad: bool):
+    """The range, the weighted sums, and the error of the plain min-max grid (ggml's first best)."""
+    rows = range(x.shape[0])
+    mx = x.amax(dim=0)
+    mn = x.amin(dim=0)  # max and min do not depend on order
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum([w[i] * x[i] for i in rows])
+    iscale, raw = _qkx2_inverse_scale(top, mx, mn)
+    scale = fdiv(1.0, raw)
+    L = [_qkx2_codes(x[i], iscale, mn, nmax) for i in rows]
+    return mx, mn, sum_w, sum_x, iscale, scale, _qkx2_error(x, w, scale, mn, L, use_mad)
+
+
+@fused
+def _qkx2_next(x, w, sum_w, sum_x, mx, factor, mn, best, scale, used_iscale, used_mn, nmax: int, use_mad: bool):
+    """One candidate inverse scale: round, fit scale and min by least squares, keep if better."""
+    rows = range(x.shape[0])
+    iscale, _ = _qkx2_inverse_scale(factor, mx, mn)
+    L = [_qkx2_codes(x[i], iscale, mn, nmax) for i in rows]
+    wl = [w[i] * L[i] for i in rows]
+    sum_l = seq_sum(wl)
+    sum_l2 = seq_sum([wl[i] * L[i] for i in rows])
+    sum_xl = seq_sum([wl[i] * x[i] for i in rows])
+    D = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+    clamp = this_min > 0
+    this_scale = torch.where(clamp, sum_xl / sum_l2, this_scale)
+    this_min = torch.where(clamp, torch.zeros_like(this_min), this_min)
+    cur = _qkx2_error(x, w, this_scale, this_min, L, use_mad)
+    take = (D > 0) & (cur < best)
+    return (
+        torch.where(take, this_min, mn),
+        torch.where(take, cur, best),
+        torch.where(take, this_scale, scale),
+        torch.where(take, iscale, used_iscale),
+        torch.where(take, mn, used_mn),
+    )

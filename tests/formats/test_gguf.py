@@ -17,6 +17,7 @@ from hypothesis.extra.numpy import arrays
 
 import ggml_ref
 from quantbench import QTensor, quantize_tensor
+from quantbench.formats import fused
 from quantbench.formats.ggml_codec import bits_le, or_fields, split_fields, unbits_le
 from quantbench.formats.gguf import GGUF_TYPES, GGUFConfig, GGUFQTensor, types_for_width
 from quantbench.spec import SpecError
@@ -29,6 +30,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def path(request):
+    """The codecs' two ways to run the same arithmetic: fused kernels compiled by inductor (the
+    default on the CPU) and eager torch (CUDA, QUANTBENCH_COMPILE=0, no compiler)."""
+    if request.param == "eager":
+        with fused.eager():
+            yield request.param
+    else:
+        yield request.param
 
 
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -94,7 +106,7 @@ def test_legacy_matches_gguf_py(t, case):
     assert differing_blocks(ours(w, t), ref, t) == 0
 
 
-def test_legacy_negative_zero_follows_ggml_not_numpy():
+def test_legacy_negative_zero_follows_ggml_not_numpy(path):
     """A block holding -0.0 where its min or max is zero: gguf-py's numpy min/argmax may pick
     the other zero than ggml's scan, so the two references differ in a zero scale's sign bit;
     we follow ggml (the first zero of the block)."""
@@ -107,7 +119,7 @@ def test_legacy_negative_zero_follows_ggml_not_numpy():
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("t", GGUF_TYPES)
-def test_matches_libggml(t, case):
+def test_matches_libggml(t, case, path):
     ggml_ref.require_ggml()
     w = CASES[case]
     assert differing_blocks(ours(w, t), ggml_ref.quantize_chunk(w, T[t]), t) == 0
@@ -115,7 +127,7 @@ def test_matches_libggml(t, case):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("t", GGUF_TYPES)
-def test_matches_libggml_larger_random(t, seed):
+def test_matches_libggml_larger_random(t, seed, path):
     ggml_ref.require_ggml()
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((64, 1024)) * rng.lognormal(0, 2, (64, 1))).astype(np.float32)
@@ -424,3 +436,35 @@ def test_bit_fields_round_trip(codes, width):
     bits = torch.from_numpy(codes.reshape(codes.shape[0], -1)[:, : (codes[0].size // 8) * 8] & 1)
     if bits.shape[1]:
         assert torch.equal(unbits_le(bits_le(bits)), bits)
+
+
+# -- the fused path ---------------------------------------------------------------------------
+
+def test_fused_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """No C++ compiler (or an op inductor cannot lower): a warning, then the same bytes eagerly."""
+    def broken(fn, **kwargs):
+        def raise_(*args):
+            raise RuntimeError("no compiler here")
+        return raise_
+
+    monkeypatch.setattr(torch, "compile", broken)
+    f = fused.fused(lambda x: x * 2 + 1)
+    x = torch.arange(4.0)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert torch.equal(f(x), x * 2 + 1)
+    assert not f.compiles_for(x)
+    assert torch.equal(f(x), x * 2 + 1)  # no second warning: it stays eager
+
+
+def test_fused_runs_eagerly_inside_eager_block():
+    calls = []
+
+    def spy(x):
+        calls.append(torch.compiler.is_compiling())
+        return x + 1
+
+    f = fused.fused(spy)
+    with fused.eager():
+        assert not f.compiles_for(torch.zeros(1))
+        f(torch.zeros(3))
+    assert calls == [False]
