@@ -24,6 +24,9 @@ class Format(Protocol):
     config_type: ClassVar[type]
     qtensor_type: ClassVar[type[QTensor]]
     description: ClassVar[str]
+    # True if `quantize` finds NaN/Inf weights itself (and raises as `require_finite` does), so
+    # that `quantize_tensor` need not make a pass of its own over the weight first.
+    checks_finite: ClassVar[bool]
 
     @staticmethod
     def quantize(w: torch.Tensor, cfg) -> QTensor: ...
@@ -66,7 +69,8 @@ def quantize_tensor(w: torch.Tensor, spec: str | FormatConfig) -> QTensor:
     ``"int:bits=4,group=128,sym=false"``, ``"nf4:block=64,double_quant=true"`` or ``"gguf:Q4_K"``."""
     cfg = parse_format_spec(spec) if isinstance(spec, str) else spec
     fmt = get_format(cfg.name)
-    return dataclasses.replace(fmt.quantize(check_weight(w, cfg), cfg), dtype=w.dtype)  # formats see float32
+    w32 = check_weight(w, cfg, finite=not getattr(fmt, "checks_finite", False))  # formats see float32
+    return dataclasses.replace(fmt.quantize(w32, cfg), dtype=w.dtype)
 
 
 def dequantize(q: QTensor) -> torch.Tensor:

@@ -30,26 +30,35 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 class BlockCodec:
     """One ggml block type: `quantize_blocks` (n, block_size) f32 -> (n, type_size) uint8, written
-    into `out` (a slice of the tensor's blocks, so nothing is copied twice), and back."""
+    into `out` (a slice of the tensor's blocks, so nothing is copied twice), and back.
+
+    A codec that `screens` its input finds NaN/Inf weights and fp16 scales that overflow on its
+    own, in the pass it makes anyway: its `quantize_blocks` returns whether any block in `out`
+    is suspect, and the caller checks the weight only then. One that does not is given finite
+    weights only and its scales are checked after it (`quantize_all` reports it as suspect)."""
 
     ggml_type: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
     chunk_blocks: ClassVar[int] = 1 << 14  # blocks per call: measured best for the legacy types (2 MB of weights)
     f16_fields: ClassVar[slice]  # the bytes of the fp16 scales (d, and dmin or m) in a block
+    screens: ClassVar[bool] = False
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> bool | None:
+        """Write the blocks of x into `out`; return whether one is suspect (None: not screened)."""
         raise NotImplementedError
 
     @classmethod
-    def quantize_all(cls, x: torch.Tensor) -> torch.Tensor:
-        """All blocks of a tensor (n_blocks, block_size) -> (n_blocks, type_size) uint8, in chunks
-        of `chunk_blocks` so that the temporaries of each step stay small."""
+    def quantize_all(cls, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """All blocks of a tensor (n_blocks, block_size) -> (n_blocks, type_size) uint8 and whether
+        a block may hold a NaN/Inf weight or an overflowing fp16 scale (always, unless `screens`).
+        In chunks of `chunk_blocks`, so that the temporaries of each step stay small."""
         out = torch.empty((x.shape[0], cls.type_size), dtype=torch.uint8, device=x.device)
+        suspect = not cls.screens
         for i in range(0, x.shape[0], cls.chunk_blocks):
-            cls.quantize_blocks(x[i : i + cls.chunk_blocks], out=out[i : i + cls.chunk_blocks])
-        return out
+            suspect |= bool(cls.quantize_blocks(x[i : i + cls.chunk_blocks], out=out[i : i + cls.chunk_blocks]))
+        return out, suspect
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

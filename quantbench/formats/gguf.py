@@ -33,7 +33,7 @@ from ..spec import SpecError
 from . import register_format
 from . import gguf_legacy, kquants  # noqa: F401  (register the block codecs)
 from .ggml_codec import CODECS
-from .qtensor import FormatConfig, QTensor
+from .qtensor import FormatConfig, QTensor, require_finite
 
 GGUFType = Literal["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 GGUF_TYPES: tuple[str, ...] = typing.get_args(GGUFType)
@@ -108,19 +108,25 @@ class GGUFFormat:
     config_type = GGUFConfig
     qtensor_type = GGUFQTensor
     description = "llama.cpp GGUF block types (legacy Q*_0/Q*_1 and k-quants), byte-exact with libggml"
+    checks_finite = True  # the legacy codecs screen their blocks; the others are checked first
 
     @staticmethod
     def quantize(w: torch.Tensor, cfg: GGUFConfig) -> GGUFQTensor:
         codec = CODECS[cfg.ggml_type]
+        if not codec.screens:
+            require_finite(w, cfg)
         rows, n = w.shape
         x = w.reshape(-1, codec.block_size)  # (n_blocks, block_size), row after row
-        blocks = codec.quantize_all(x)
-        scales = blocks[:, codec.f16_fields].contiguous().view(torch.float16)
-        if bool(torch.isinf(scales).any()):
-            raise ValueError(
-                f"{cfg.spec()}: a block scale overflows fp16 (largest |w| = {w.abs().max().item():.4g}); "
-                "GGUF stores block scales as fp16 and cannot hold weights this large"
-            )
+        blocks, suspect = codec.quantize_all(x)
+        if suspect:  # a codec that screens flagged a block: find out what is wrong, and say so
+            if codec.screens:
+                require_finite(w, cfg)
+            scales = blocks[:, codec.f16_fields].contiguous().view(torch.float16)
+            if bool(torch.isinf(scales).any()):
+                raise ValueError(
+                    f"{cfg.spec()}: a block scale overflows fp16 (largest |w| = {w.abs().max().item():.4g}); "
+                    "GGUF stores block scales as fp16 and cannot hold weights this large"
+                )
         return GGUFQTensor(config=cfg, shape=(rows, n), dtype=w.dtype, blocks=blocks.reshape(rows, n // codec.block_size * codec.type_size))
 
     @staticmethod

@@ -23,10 +23,12 @@ one, on ties), so that value maps exactly to the lowest code: d = max / -8 (Q4_0
 Rounding: Q8_0 rounds halves away from zero (C `roundf`); Q4_x/Q5_x add 0.5 (8.5, 16.5 with the
 offset) and truncate, which is the same for the non-negative values they round.
 
-Two paths per type. `fast` is one fused kernel on the CPU (see `fused`) for the ordinary block;
-it flags the blocks where ggml's scan order or the sign of a zero decides a byte (a tie between
-+a and -a for the largest magnitude, a zero extreme, a scale too small to invert), and `exact`
-redoes just those, step by step as ggml does.
+Two paths per type. The fast one is two fused kernels (see `fused`): `head` reduces each block
+to its extremes and scale, `codes` writes the codes. `head` flags the blocks where ggml's scan
+order or the sign of a zero decides a byte (a tie between +a and -a for the largest magnitude,
+a zero extreme, a scale too small to invert), and `exact` redoes just those, step by step as
+ggml does. It also flags blocks holding a NaN or Inf or whose fp16 scale overflows, so that the
+weight needs no separate pass to be checked (`GGUFFormat.quantize` then says what is wrong).
 """
 
 from __future__ import annotations
@@ -72,14 +74,14 @@ def _first_zero_sign(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.where(z[:, None], torch.zeros_like(v), v).index_put((z,), rows.gather(-1, first))
 
 
-def _symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_exact(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes in [0, 2**bits) and the scale d for Q4_0/Q5_0: x (n, 32) -> (n, 32) uint8, (n, 1)."""
     half = 2 ** (bits - 1)
     d = fdiv(signed_absmax(x, -1)[1], -half)  # (n, 1): the largest |x| maps to code 0
     return _codes(x, None, _inverse(d), half + 0.5, 2**bits - 1), d
 
 
-def _affine_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _affine_exact(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scale and minimum for Q4_1/Q5_1: (n, 32) uint8, (n, 1), (n, 1)."""
     lo = _first_zero_sign(x, x.amin(dim=-1, keepdim=True))  # amin and amax: aminmax is slower
     hi = _first_zero_sign(x, x.amax(dim=-1, keepdim=True))
@@ -106,104 +108,179 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     return bits_le(q >> 4)
 
 
+def _fifth_halves(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) int32 5-bit codes -> (n, 2) int16: `qh` (bit j = bit 4 of q[j]) as two little-endian
+    halves. An integer sum of disjoint bits (order-free) over the same 16 columns pairs (j, j + 16)
+    that `_nibble_bytes` reads, so that a kernel computes both in one loop."""
+    j = torch.arange(16, device=q.device, dtype=torch.int32)
+    bits = (q[:, :16] >> 4) << j | (q[:, 16:] >> 4) << (j + 16)  # codes < 32: q >> 4 is bit 4
+    qh = bits.sum(dim=-1, dtype=torch.int32)
+    return torch.stack([qh & 0xFFFF, (qh >> 16) & 0xFFFF], dim=-1).to(torch.int16)  # wraps: same bits
+
+
 def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
     """(n, 32) int32 codes -> (n, 16) uint8: low nibbles of q[j] and q[j + 16], as `_nibbles`."""
     return ((q[:, :16] & 0xF) | (q[:, 16:] & 0xF) << 4).to(torch.uint8)
 
 
-def _symmetric_fast(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0/Q5_0 for blocks whose largest magnitude is one nonzero value: codes (n, 32) int32,
-    the fp16 bytes of d (two (n, 1)), and the blocks to redo exactly (n,) bool."""
-    half = 2 ** (bits - 1)
-    hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+# -- the fast path: a block pass and a code pass ---------------------------------------------
+# Two fused kernels per type rather than one. The first reduces each block to its extremes and
+# computes the per-block values (scale, inverse, fp16 bits, flags), vectorised across blocks; the
+# second writes the codes. Inductor's single-kernel version did the per-block scalar work inside
+# its loop over blocks, where divisions and fp16 conversions wait on each other: 1.3x slower for
+# Q4_1 on 2 cores, even though the split reads the weights twice.
+
+REDO, SUSPECT = 1, 2  # flag bits: redo the block exactly; a NaN/Inf weight or an fp16 scale overflow
+
+
+def _f16_bits(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> the int16 bits of its fp16 (round to nearest even), as ggml's FP32_TO_FP16."""
+    return v.to(torch.float16).view(torch.int16)
+
+
+def _flags(redo: torch.Tensor, suspect: torch.Tensor) -> torch.Tensor:
+    return redo.to(torch.uint8) | suspect.to(torch.uint8) << 1
+
+
+@fused
+def _q8_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    amax = x.abs().amax(dim=-1)  # from |x|: max(hi, -lo) could give -0.0 for a block of -0.0
+    d = fdiv(amax, 127)
+    inv = torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
+    h = _f16_bits(d)
+    suspect = ~torch.isfinite(amax) | torch.isinf(h.view(torch.float16))
+    return h[:, None], _flags(torch.isinf(inv), suspect), inv
+
+
+@fused
+def _q8_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
+    out[:, 2:] = (roundf(x * inv[:, None]).to(torch.int32) & 0xFF).to(torch.uint8)  # two's complement int8
+
+
+def _symmetric_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Q4_0/Q5_0: the fp16 bits of d (n, 1), the flags and 1/d, for blocks whose largest
+    magnitude is one nonzero value (the others are flagged for redoing)."""
+    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
     mx = torch.where(hi >= -lo, hi, lo)
-    d = fdiv(mx, -half)
+    d = fdiv(mx, -(2 ** (bits - 1)))
     inv = fdiv(1.0, d)
-    q = (x * inv + (half + 0.5)).to(torch.int32).clamp(max=2**bits - 1)
+    h = _f16_bits(d)
     redo = (hi == -lo) | (mx == 0) | torch.isinf(inv)
-    return q, f16_pieces(d), redo[:, 0]
+    suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16))
+    return h[:, None], _flags(redo, suspect), inv
 
 
-def _affine_fast(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1/Q5_1 for blocks with nonzero extremes and a spread: codes (n, 32) int32, the fp16
-    bytes of d and m (four (n, 1)), and the blocks to redo exactly (n,) bool."""
-    hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+def _symmetric_codes(x: torch.Tensor, inv: torch.Tensor, bits: int) -> torch.Tensor:
+    """C's `MIN(top, (int8_t)(x * id + half + 0.5f))` as int32 codes (n, 32)."""
+    return (x * inv[:, None] + (2 ** (bits - 1) + 0.5)).to(torch.int32).clamp(max=2**bits - 1)
+
+
+def _affine_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Q4_1/Q5_1: the fp16 bits of d and m (n, 2), the flags, the minimum and 1/d, for blocks
+    with nonzero extremes and a spread (the others are flagged for redoing)."""
+    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
     d = fdiv(hi - lo, 2**bits - 1)
     inv = fdiv(1.0, d)
-    q = ((x - lo) * inv + 0.5).to(torch.int32).clamp(max=2**bits - 1)
+    h = torch.stack([_f16_bits(d), _f16_bits(lo)], dim=-1)
     redo = (lo == 0) | (hi == 0) | (d == 0) | torch.isinf(inv)
-    return q, f16_pieces(d) + f16_pieces(lo), redo[:, 0]
+    suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16)).any(dim=-1)
+    return h, _flags(redo, suspect), lo, inv
+
+
+def _affine_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, bits: int) -> torch.Tensor:
+    """C's `MIN(top, (int8_t)((x - min) * id + 0.5f))` as int32 codes (n, 32)."""
+    return ((x - lo[:, None]) * inv[:, None] + 0.5).to(torch.int32).clamp(max=2**bits - 1)
 
 
 @fused
-def _q8_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d = fdiv(x.abs().amax(dim=-1, keepdim=True), 127)
-    inv = torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
-    q = roundf(x * inv).to(torch.int32) & 0xFF  # two's complement int8
-    return torch.cat([*f16_pieces(d), q.to(torch.uint8)], dim=-1), torch.isinf(inv)[:, 0]
+def _q4_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _symmetric_head(x, 4)
 
 
 @fused
-def _q4_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, d, redo = _symmetric_fast(x, 4)
-    return torch.cat([*d, _nibble_bytes(q)], dim=-1), redo
+def _q4_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
+    out[:, 2:] = _nibble_bytes(_symmetric_codes(x, inv, 4))
 
 
 @fused
-def _q4_1_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, dm, redo = _affine_fast(x, 4)
-    return torch.cat([*dm, _nibble_bytes(q)], dim=-1), redo
+def _q5_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _symmetric_head(x, 5)
 
 
 @fused
-def _q5_0_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, d, redo = _symmetric_fast(x, 5)
-    return torch.cat([*d, _fifth_bits(q), _nibble_bytes(q)], dim=-1), redo
+def _q5_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    q = _symmetric_codes(x, inv, 5)
+    out[:, 6:] = _nibble_bytes(q)
+    return _fifth_halves(q)
 
 
 @fused
-def _q5_1_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    q, dm, redo = _affine_fast(x, 5)
-    return torch.cat([*dm, _fifth_bits(q), _nibble_bytes(q)], dim=-1), redo
+def _q4_1_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _affine_head(x, 4)
+
+
+@fused
+def _q4_1_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
+    out[:, 4:] = _nibble_bytes(_affine_codes(x, lo, inv, 4))
+
+
+@fused
+def _q5_1_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _affine_head(x, 5)
+
+
+@fused
+def _q5_1_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    q = _affine_codes(x, lo, inv, 5)
+    out[:, 8:] = _nibble_bytes(q)
+    return _fifth_halves(q)
 
 
 class _Legacy(BlockCodec):
-    """A legacy type: `fast` (fused, returns the blocks and the rows to redo) and `exact`, which
-    writes each field straight into its bytes of `out` (n, type_size)."""
+    """A legacy type: the fast path (`head`, then `codes`) and `exact`, which writes each field
+    straight into its bytes of `out` (n, type_size) and is run on the blocks `head` flags.
 
-    fast: ClassVar  # a `fused` function: blocks (n, type_size) uint8 and the rows to redo (n,) bool
+    `head(x)` returns the int16 bits of the block's fp16 fields (n, k), placed at the block's
+    start, the flags (n,) uint8 (REDO, SUSPECT) and the per-block values `codes` takes after x;
+    `codes(x, *values, out)` writes the nibbles at the end of each block into `out` and returns
+    the 5-bit types' `qh` as int16 halves (n, 2), which follow the fp16 fields (None otherwise).
+    Kernels store whole int16 columns fast and a concatenation of byte fields slowly."""
+
+    head: ClassVar
+    codes: ClassVar
+    screens = True
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
-    def quantize_blocks(cls, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        blocks, redo = cls.fast(x)
-        out.copy_(blocks)
-        cls._redo(x, out, redo)
-        return out
+    def quantize_blocks(cls, x: torch.Tensor, out: torch.Tensor) -> bool:
+        halves, flags, *values = cls.head(x)
+        qh = cls.codes(x, *values, out)
+        if qh is not None:  # the 5-bit types' qh follows the fp16 fields
+            halves = torch.cat([halves, qh], dim=-1)
+        out.view(torch.int16)[:, : halves.shape[1]] = halves
+        if not bool(flags.any()):
+            return False
+        redo = (flags & REDO).nonzero()[:, 0]
+        if len(redo):
+            out[redo] = cls.exact(x[redo], torch.empty_like(out[redo]))
+        return bool((flags & SUSPECT).any())
 
     @classmethod
-    def quantize_all(cls, x: torch.Tensor) -> torch.Tensor:
-        """Compiled, the kernel makes no temporaries: one call for the whole tensor, no copy."""
-        if not cls.fast.compiles_for(x):
+    def quantize_all(cls, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Compiled, the kernels make no large temporaries: one pass for the whole tensor."""
+        if not cls.head.compiles_for(x):
             return super().quantize_all(x)
-        blocks, redo = cls.fast(x)
-        cls._redo(x, blocks, redo)
-        return blocks
-
-    @classmethod
-    def _redo(cls, x: torch.Tensor, out: torch.Tensor, redo: torch.Tensor) -> None:
-        if bool(redo.any()):
-            rows = redo.nonzero()[:, 0]
-            out[rows] = cls.exact(x[rows], torch.empty_like(out[rows]))
+        out = torch.empty((x.shape[0], cls.type_size), dtype=torch.uint8, device=x.device)
+        return out, cls.quantize_blocks(x, out)
 
 
 @register_codec(T.Q8_0)
 class Q8_0(_Legacy):
     f16_fields = slice(0, 2)
-    fast = staticmethod(_q8_0_fast)
+    head, codes = staticmethod(_q8_0_head), staticmethod(_q8_0_codes)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -224,11 +301,11 @@ class Q8_0(_Legacy):
 @register_codec(T.Q4_0)
 class Q4_0(_Legacy):
     f16_fields = slice(0, 2)
-    fast = staticmethod(_q4_0_fast)
+    head, codes = staticmethod(_q4_0_head), staticmethod(_q4_0_codes)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        q, d = _symmetric_codes(x, 4)
+        q, d = _symmetric_exact(x, 4)
         out[:, :2] = f16_bytes(d)
         _nibbles(q, out[:, 2:])
         return out
@@ -241,11 +318,11 @@ class Q4_0(_Legacy):
 @register_codec(T.Q4_1)
 class Q4_1(_Legacy):
     f16_fields = slice(0, 4)
-    fast = staticmethod(_q4_1_fast)
+    head, codes = staticmethod(_q4_1_head), staticmethod(_q4_1_codes)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        q, d, m = _affine_codes(x, 4)
+        q, d, m = _affine_exact(x, 4)
         out[:, :2], out[:, 2:4] = f16_bytes(d), f16_bytes(m)
         _nibbles(q, out[:, 4:])
         return out
@@ -258,11 +335,11 @@ class Q4_1(_Legacy):
 @register_codec(T.Q5_0)
 class Q5_0(_Legacy):
     f16_fields = slice(0, 2)
-    fast = staticmethod(_q5_0_fast)
+    head, codes = staticmethod(_q5_0_head), staticmethod(_q5_0_codes)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        q, d = _symmetric_codes(x, 5)
+        q, d = _symmetric_exact(x, 5)
         out[:, :2], out[:, 2:6] = f16_bytes(d), _fifth_bits(q)
         _nibbles(q & 0xF, out[:, 6:])
         return out
@@ -276,11 +353,11 @@ class Q5_0(_Legacy):
 @register_codec(T.Q5_1)
 class Q5_1(_Legacy):
     f16_fields = slice(0, 4)
-    fast = staticmethod(_q5_1_fast)
+    head, codes = staticmethod(_q5_1_head), staticmethod(_q5_1_codes)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        q, d, m = _affine_codes(x, 5)
+        q, d, m = _affine_exact(x, 5)
         out[:, :2], out[:, 2:4], out[:, 4:8] = f16_bytes(d), f16_bytes(m), _fifth_bits(q)
         _nibbles(q & 0xF, out[:, 8:])
         return out

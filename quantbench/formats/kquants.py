@@ -126,10 +126,10 @@ class Q2_K(BlockCodec):
     f16_fields = slice(80, 84)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         xt = _element_major(x, 16)
         L, scales, mins = make_qkx2_quants(xt, xt.abs(), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
-        return out.copy_(_q2k_blocks(x, L, scales, mins))
+        out.copy_(_q2k_blocks(x, L, scales, mins))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -199,8 +199,8 @@ class Q4_K(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(_q4k_blocks(x, *_k4_search(x, 15, rmin=-1.0, nstep=20)))
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(_q4k_blocks(x, *_k4_search(x, 15, rmin=-1.0, nstep=20)))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -213,8 +213,8 @@ class Q5_K(BlockCodec):
     f16_fields = slice(0, 4)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(_q5k_blocks(x, *_k4_search(x, 31, rmin=-0.5, nstep=15)))
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(_q5k_blocks(x, *_k4_search(x, 31, rmin=-0.5, nstep=15)))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -245,11 +245,10 @@ class Q3_K(BlockCodec):
     f16_fields = slice(108, 110)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_q3_quants(_element_major(x, 16), 4)
         _, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        return out.copy_(_q3k_blocks(x, L, scales, max_scale))
-
+        out.copy_(_q3k_blocks(x, L, scales, max_scale))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -288,10 +287,10 @@ class Q6_K(BlockCodec):
     f16_fields = slice(208, 210)
 
     @staticmethod
-    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         max_abs, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        return out.copy_(_q6k_blocks(x, L, scales, max_abs, max_scale))
+        out.copy_(_q6k_blocks(x, L, scales, max_abs, max_scale))
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:

@@ -140,17 +140,24 @@ class QTensor:
         return QTensor.from_parts(meta, tensors)
 
 
-def check_weight(w: torch.Tensor, cfg: FormatConfig) -> torch.Tensor:
-    """Validate a weight at a format's boundary and return it as float32 on its own device."""
+def check_weight(w: torch.Tensor, cfg: FormatConfig, finite: bool = True) -> torch.Tensor:
+    """Validate a weight at a format's boundary and return it as float32 on its own device.
+    `finite=False` leaves the NaN/Inf check to a format that finds them in its own pass."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
         raise SpecError(f"{cfg.spec()}: expected a floating-point weight, got {w.dtype}")
     cfg.check_shape(tuple(w.shape))
     w = w.detach().to(torch.float32)
+    if finite:
+        require_finite(w, cfg)
+    return w
+
+
+def require_finite(w: torch.Tensor, cfg: FormatConfig) -> None:
+    """Raise if the weight holds a NaN or Inf, saying how many."""
     # A finite sum means every value is finite (one Inf or NaN makes the sum Inf or NaN), in one
     # pass and no temporary; only if it is not (or the sum overflowed) look at each value.
     if not torch.isfinite(w.sum()) and not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{cfg.spec()}: the weight holds {bad} NaN or Inf value(s); quantize only finite weights")
-    return w

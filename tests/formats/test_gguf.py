@@ -270,13 +270,26 @@ def test_row_width_not_a_multiple_of_the_block():
 def test_bad_inputs():
     with pytest.raises(SpecError, match="expected a 2-D weight"):
         quantize_tensor(torch.randn(256), "gguf:Q8_0")
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        w = torch.randn(4, 256)
-        w[1, 3] = bad
-        with pytest.raises(ValueError, match="1 NaN or Inf"):
-            quantize_tensor(w, "gguf:Q4_K")
     with pytest.raises(ValueError, match="overflows fp16"):
         quantize_tensor(torch.randn(4, 256) * 1e9, "gguf:Q8_0")
+
+
+@pytest.mark.parametrize("t", LEGACY + ("Q4_K",))
+def test_nan_and_inf_are_refused(t, path):
+    """The legacy codecs find NaN/Inf in their own pass over the blocks (no separate check of the
+    weight): one bad value anywhere, in a block of ordinary weights, in a block where it is the
+    only nonzero, or beside a huge value whose difference overflows, is named, never encoded."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((1, 3), (3, 255), (0, 0)):
+            w = torch.randn(4, 256)
+            w[0, :32] = 0.0
+            w[where] = bad
+            with pytest.raises(ValueError, match=f"gguf:{t}: the weight holds 1 NaN or Inf"):
+                quantize_tensor(w, f"gguf:{t}")
+    w = torch.randn(4, 256)
+    w[2, 0], w[2, 1] = 3e38, float("nan")
+    with pytest.raises(ValueError, match="1 NaN or Inf"):
+        quantize_tensor(w, f"gguf:{t}")
 
 
 def test_beyond_the_fp16_range():
