@@ -136,6 +136,11 @@ def f16_pieces(d: torch.Tensor) -> list[torch.Tensor]:
     return [(h & 0xFF).to(torch.uint8), ((h >> 8) & 0xFF).to(torch.uint8)]
 
 
+def f16_bits(d: torch.Tensor) -> torch.Tensor:
+    """float32 -> the int16 bits of its fp16 (round to nearest even), as ggml's FP32_TO_FP16."""
+    return d.to(torch.float16).view(torch.int16)
+
+
 def f16_bytes(d: torch.Tensor) -> torch.Tensor:
     """(n,) or (n, 1) float32 -> (n, 2) uint8: its fp16, little-endian."""
     return torch.cat(f16_pieces(d.reshape(-1, 1)), dim=-1)

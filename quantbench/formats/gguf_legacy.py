@@ -39,7 +39,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .fused import fused
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_pieces, f16_value, register_codec, roundf, signed_absmax, unbits_le
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bits, f16_bytes, f16_value, register_codec, roundf, signed_absmax, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -133,11 +133,6 @@ def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
 REDO, SUSPECT = 1, 2  # flag bits: redo the block exactly; a NaN/Inf weight or an fp16 scale overflow
 
 
-def _f16_bits(v: torch.Tensor) -> torch.Tensor:
-    """float32 -> the int16 bits of its fp16 (round to nearest even), as ggml's FP32_TO_FP16."""
-    return v.to(torch.float16).view(torch.int16)
-
-
 def _flags(redo: torch.Tensor, suspect: torch.Tensor) -> torch.Tensor:
     return redo.to(torch.uint8) | suspect.to(torch.uint8) << 1
 
@@ -147,7 +142,7 @@ def _q8_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     amax = x.abs().amax(dim=-1)  # from |x|: max(hi, -lo) could give -0.0 for a block of -0.0
     d = fdiv(amax, 127)
     inv = torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
-    h = _f16_bits(d)
+    h = f16_bits(d)
     suspect = ~torch.isfinite(amax) | torch.isinf(h.view(torch.float16))
     return h[:, None], _flags(torch.isinf(inv), suspect), inv
 
@@ -164,7 +159,7 @@ def _symmetric_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     mx = torch.where(hi >= -lo, hi, lo)
     d = fdiv(mx, -(2 ** (bits - 1)))
     inv = fdiv(1.0, d)
-    h = _f16_bits(d)
+    h = f16_bits(d)
     redo = (hi == -lo) | (mx == 0) | torch.isinf(inv)
     suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16))
     return h[:, None], _flags(redo, suspect), inv
@@ -181,7 +176,7 @@ def _affine_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     hi, lo = x.amax(dim=-1), x.amin(dim=-1)
     d = fdiv(hi - lo, 2**bits - 1)
     inv = fdiv(1.0, d)
-    h = torch.stack([_f16_bits(d), _f16_bits(lo)], dim=-1)
+    h = torch.stack([f16_bits(d), f16_bits(lo)], dim=-1)
     redo = (lo == 0) | (hi == 0) | (d == 0) | torch.isinf(inv)
     suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16)).any(dim=-1)
     return h, _flags(redo, suspect), lo, inv

@@ -38,7 +38,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .fused import fused, seq_sum
-from .ggml_codec import BlockCodec, f16_bytes, fdiv, f16_value, nearest_int, or_fields, register_codec, split_fields
+from .ggml_codec import BlockCodec, fdiv, f16_bits, f16_value, nearest_int, or_fields, register_codec, split_fields
 from .kquants_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants
 
 
@@ -47,26 +47,10 @@ def _element_major(x: torch.Tensor, sub: int) -> torch.Tensor:
     return x.reshape(-1, sub).T.contiguous()
 
 
-def _block_major(L: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Inverse of `_element_major`, shaped (B, n_sub, sub)."""
-    return L.T.reshape(n_blocks, -1, L.shape[0])
-
-
 def _positive_max(v: torch.Tensor) -> torch.Tensor:
     """max(0, max over the last dim), +0.0 when nothing is positive: ggml's `if (s > max) max = s`."""
     m = v.amax(dim=-1)
     return torch.where(m > 0, m, torch.zeros_like(m))
-
-
-def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, L: torch.Tensor, lo: int, hi: int):
-    """Round every weight again against its quantized sub-block scale; keep L where that scale is 0.
-
-    x, L (B, n_sub, sub); d, dm (B, n_sub). ggml: l = nearest_int((x + dm) / d), or x / d.
-    """
-    d = d.unsqueeze(-1)
-    v = x / d if dm is None else (x + dm.unsqueeze(-1)) / d
-    q = nearest_int(v).clamp(lo, hi).float()
-    return torch.where(d != 0, q, L)
 
 
 def _as_f16(d: torch.Tensor) -> torch.Tensor:
@@ -74,19 +58,8 @@ def _as_f16(d: torch.Tensor) -> torch.Tensor:
     return d.to(torch.float16).float()
 
 
-def _two_bit_fields(q: torch.Tensor) -> torch.Tensor:
-    """(B, 256) codes < 4 -> (B, 64) bytes (layout in the module docstring)."""
-    return or_fields(q.reshape(-1, 2, 4, 32), 2).reshape(-1, 64)
-
-
 def _from_two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
     return split_fields(qs.reshape(-1, 2, 32), 4, 2).reshape(-1, 16, 16)
-
-
-def _pack_scale_min_k4(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """(B, 8) 6-bit scales and mins -> (B, 12) bytes, ggml's get_scale_min_k4 layout."""
-    lo = torch.cat([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6], dim=1)
-    return torch.cat([lo, (sc[:, 4:] & 0xF) | (m[:, 4:] & 0xF) << 4], dim=1)
 
 
 def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,30 +69,108 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _qkx_scales(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, sub: int, scale_bits: int, nmax: int):
-    """Q2_K/Q4_K/Q5_K after the sub-block search (`make_qkx2_quants`, element-major L (sub, S)):
-    quantize scales and mins to `scale_bits` against d = max_scale / (2**scale_bits - 1), then
-    requantize. Returns codes (B, 256) uint8, the scale and min codes (B, n_sub) uint8, and
-    d, dmin as fp16 bytes (B, 2)."""
+# -- after the search: scale codes, requantization, packing ----------------------------------
+# Three fused steps per codec, each one kernel that inductor vectorises well: the sub-block
+# scale codes (one value per sub-block), the requantized codes (one uint8 per weight, block-major),
+# and the bit packing, done on int32 words that each hold four codes (SWAR), because a kernel
+# that loads or stores uint8 vectors moves 8 bytes at a time through a buffer. The fields are then
+# copied into their bytes of the blocks (`_store`).
+
+def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: int, lo: int, hi: int) -> torch.Tensor:
+    """Round every weight again against its quantized sub-block scale: x (B, 256), d, dm (B, n_sub)
+    -> codes - lo (B, 256) uint8. ggml: l = nearest_int((x + dm) / d), or x / d; where d is 0 the
+    result is meaningless and `_keep_search_codes` replaces it."""
     B = x.shape[0]
-    scales, mins = scales.reshape(B, -1), mins.reshape(B, -1)
+    xs = x.reshape(B, -1, sub)
+    v = xs / d[..., None] if dm is None else (xs + dm[..., None]) / d[..., None]
+    return (nearest_int(v).clamp(lo, hi) - lo).to(torch.uint8).reshape(B, -1)
+
+
+def _keep_search_codes(q: torch.Tensor, L: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """ggml keeps the search's codes (L, element-major (sub, S), offset like q) in a sub-block whose
+    quantized scale d (B, n_sub) is 0: copy them into q (B, 256) there (rare: few sub-blocks)."""
+    idx = (d == 0).reshape(-1).nonzero()[:, 0]
+    if len(idx):
+        q.view(-1, L.shape[0])[idx] = L[:, idx].T.to(torch.uint8)
+    return q
+
+
+def _words(q: torch.Tensor) -> torch.Tensor:
+    """(B, 256) uint8 codes -> (B, 64) int32, four codes per word (a view, little-endian)."""
+    return q.view(torch.int32)
+
+
+def _bytes_of(words: torch.Tensor) -> torch.Tensor:
+    return words.reshape(words.shape[0], -1).view(torch.uint8)
+
+
+def _or_words(fields: list[torch.Tensor], width: int) -> torch.Tensor:
+    """OR int32 words of per-byte fields (each byte < 2**width), field k shifted by k * width."""
+    acc = fields[0]
+    for k in range(1, len(fields)):
+        acc = acc | fields[k] << (k * width)
+    return acc
+
+
+def _byte_fields(W: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+    """(W >> shift) & mask in every byte of the words W: mask repeated in the four bytes."""
+    return (W >> shift) & (mask * 0x01010101)
+
+
+def _store(out: torch.Tensor, fields: dict[int, torch.Tensor], halves: dict[int, torch.Tensor]) -> None:
+    """Copy uint8 fields (B, k) to their byte offsets and fp16 bits (B,) int16 to their offsets."""
+    for start, v in fields.items():
+        out[:, start : start + v.shape[1]] = v
+    h = out.view(torch.int16)
+    for start, v in halves.items():
+        h[:, start // 2] = v
+
+
+@fused
+def _qkx_scale_codes(scales: torch.Tensor, mins: torch.Tensor, max_sc: torch.Tensor, n_sub: int, scale_bits: int):
+    """Q2_K/Q4_K/Q5_K: quantize the searched sub-block scales and mins (S,) to `scale_bits` against
+    d = max_scale / (2**scale_bits - 1) and dmin likewise. Returns the codes sc, mn (B, n_sub) int32,
+    the effective d * sc and dmin * mn (B, n_sub) that requantization divides by, and the fp16
+    bits of d and dmin (B,). `max_sc` is the largest code (for ggml's `MIN(top, l)` clamp)."""
     top = float(2**scale_bits - 1)
-    codes = []
-    for v in (scales, mins):
+    out = []
+    for v in (scales.reshape(-1, n_sub), mins.reshape(-1, n_sub)):
         vmax = _positive_max(v)
         inv = torch.where(vmax > 0, fdiv(top, vmax), torch.zeros_like(vmax))
-        codes.append((nearest_int(inv[:, None] * v) & 0xFF).clamp(max=int(top)).to(torch.uint8))
-        codes.append(fdiv(vmax, top)[:, None])
-    sc, d, mn, dmin = codes
-    d_bytes, dmin_bytes = f16_bytes(d), f16_bytes(dmin)
-    d = _as_f16(d) * sc.float()  # (B, n_sub)
-    dm = _as_f16(dmin) * mn.float()
-    L = _requantize(x.reshape(B, -1, sub), d, dm, _block_major(L, B), 0, nmax).reshape(B, -1)
-    return L.to(torch.uint8), sc, mn, d_bytes, dmin_bytes
+        code = torch.minimum(nearest_int(inv[:, None] * v) & 0xFF, max_sc)
+        d = fdiv(vmax, top)
+        out.append((code, _as_f16(d)[:, None] * code.float(), f16_bits(d)))
+    (sc, d_eff, d16), (mn, dm_eff, dmin16) = out
+    return sc, mn, d_eff, dm_eff, d16, dmin16
 
 
-# Each codec: the sub-block search (its candidates fused one call each), then one fused call
-# for everything after it (scale codes, requantization, bit packing).
+def _qkx_codes(x: torch.Tensor, L: torch.Tensor, scales, mins, n_sub: int, scale_bits: int, nmax: int):
+    """The post-search steps Q2_K, Q4_K and Q5_K share: scale codes, then requantized codes."""
+    max_sc = torch.tensor(2**scale_bits - 1, dtype=torch.int32, device=x.device)
+    sc, mn, d, dm, d16, dmin16 = _qkx_scale_codes(scales, mins, max_sc, n_sub, scale_bits)
+    q = _keep_search_codes(_qkx_requantize(x, d, dm, 256 // n_sub, nmax), L, d)
+    return q, sc, mn, d16, dmin16
+
+
+@fused
+def _qkx_requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, sub: int, nmax: int) -> torch.Tensor:
+    return _requantize(x, d, dm, sub, 0, nmax)
+
+
+@fused
+def _two_bit_words(W: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K qs: (B, 64) code words (codes < 4) -> (B, 16) words of the 64 bytes
+    byte[32h + l] = q[128h + l] | q[128h + l + 32] << 2 | q[.. + 64] << 4 | q[.. + 96] << 6."""
+    W = W.reshape(-1, 2, 4, 8)
+    return _or_words([W[:, :, k] for k in range(4)], 2).reshape(-1, 16)
+
+
+@fused
+def _q2k_fields(sc: torch.Tensor, mn: torch.Tensor, W: torch.Tensor):
+    # ggml stores the min code with `scales[j] |= l << 4` into a byte: only its low 4 bits fit
+    return ((sc | mn << 4) & 0xFF).to(torch.uint8), _two_bit_words(W)
+
+
 @register_codec(T.Q2_K)
 class Q2_K(BlockCodec):
     chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine (eager: 1 << 10 was)
@@ -129,7 +180,9 @@ class Q2_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         xt = _element_major(x, 16)
         L, scales, mins = make_qkx2_quants(xt, xt.abs(), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
-        out.copy_(_q2k_blocks(x, L, scales, mins))
+        q, sc, mn, d16, dmin16 = _qkx_codes(x, L, scales, mins, 16, 4, 3)
+        s, qs = _q2k_fields(sc, mn, _words(q))
+        _store(out, {0: s, 16: _bytes_of(qs)}, {80: d16, 82: dmin16})
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -138,13 +191,6 @@ class Q2_K(BlockCodec):
         dl = (d * (sc & 0xF).float()).unsqueeze(-1)  # (B, 16, 1)
         ml = (dmin * (sc >> 4).float()).unsqueeze(-1)
         return (dl * _from_two_bit_fields(b[:, 16:80]).float() - ml).reshape(-1, 256)
-
-
-@fused
-def _q2k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    L, sc, mn, d, dmin = _qkx_scales(x, L, scales, mins, 16, 4, 3)
-    # ggml stores the min code with `scales[j] |= l << 4` into a byte: only its low 4 bits fit
-    return torch.cat([sc | (mn << 4), _two_bit_fields(L), d, dmin], dim=1)
 
 
 @fused
@@ -157,29 +203,32 @@ def _q4k_weights(xt: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(fdiv(seq_sum(xt * xt), 32).double()).float() + xt.abs()
 
 
-def _k4_head_low(x, L, scales, mins, nmax: int):
-    """Q4_K/Q5_K: (d, dmin, scales) bytes (B, 16), codes (B, 256), their low nibbles packed (B, 128)."""
-    L, sc, mn, d, dmin = _qkx_scales(x, L, scales, mins, 32, 6, nmax)
-    low = or_fields((L & 0xF).reshape(-1, 4, 2, 32), 4).reshape(-1, 128)
-    return torch.cat([d, dmin, _pack_scale_min_k4(sc, mn)], dim=1), L, low
+def _pack_scale_min_k4(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B, 8) 6-bit scales and mins -> (B, 12) bytes, ggml's get_scale_min_k4 layout."""
+    lo = torch.cat([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6], dim=1)
+    return torch.cat([lo, (sc[:, 4:] & 0xF) | (m[:, 4:] & 0xF) << 4], dim=1)
 
 
 def _k4_search(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     xt = _element_major(x, 32)
-    return make_qkx2_quants(xt, _q4k_weights(xt), nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False)
+    L, scales, mins = make_qkx2_quants(xt, _q4k_weights(xt), nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False)
+    return _qkx_codes(x, L, scales, mins, 8, 6, nmax)
 
 
 @fused
-def _q4k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    head, _, low = _k4_head_low(x, L, scales, mins, 15)
-    return torch.cat([head, low], dim=1)
+def _k4_fields(sc: torch.Tensor, mn: torch.Tensor, W: torch.Tensor):
+    """Q4_K/Q5_K: the 12 scale bytes and the words of the low nibbles (qs, 128 bytes):
+    byte[32c + l] = q[64c + l] & 15 | (q[64c + l + 32] & 15) << 4."""
+    W = W.reshape(-1, 4, 2, 8)
+    low = _byte_fields(W[:, :, 0], 0, 0xF) | _byte_fields(W[:, :, 1], 0, 0xF) << 4
+    return _pack_scale_min_k4(sc, mn).to(torch.uint8), low.reshape(-1, 32)
 
 
 @fused
-def _q5k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    head, L, low = _k4_head_low(x, L, scales, mins, 31)
-    qh = or_fields((L >> 4).reshape(-1, 8, 32), 1)
-    return torch.cat([head, qh, low], dim=1)
+def _q5k_high_words(W: torch.Tensor) -> torch.Tensor:
+    """Q5_K qh (32 bytes) as (B, 8) words: bit k of byte l is bit 4 of q[32k + l]."""
+    W = W.reshape(-1, 8, 8)
+    return _or_words([_byte_fields(W[:, k], 4, 1) for k in range(8)], 1)
 
 
 def _k4_dequantize(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -200,7 +249,9 @@ class Q4_K(BlockCodec):
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(_q4k_blocks(x, *_k4_search(x, 15, rmin=-1.0, nstep=20)))
+        q, sc, mn, d16, dmin16 = _k4_search(x, 15, rmin=-1.0, nstep=20)
+        s, low = _k4_fields(sc, mn, _words(q))
+        _store(out, {4: s, 16: _bytes_of(low)}, {0: d16, 2: dmin16})
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -214,7 +265,10 @@ class Q5_K(BlockCodec):
 
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(_q5k_blocks(x, *_k4_search(x, 31, rmin=-0.5, nstep=15)))
+        q, sc, mn, d16, dmin16 = _k4_search(x, 31, rmin=-0.5, nstep=15)
+        W = _words(q)
+        s, low = _k4_fields(sc, mn, W)
+        _store(out, {4: s, 16: _bytes_of(_q5k_high_words(W)), 48: _bytes_of(low)}, {0: d16, 2: dmin16})
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -223,20 +277,30 @@ class Q5_K(BlockCodec):
 
 
 @fused
-def _q3k_blocks(x: torch.Tensor, L: torch.Tensor, scales: torch.Tensor, max_scale: torch.Tensor) -> torch.Tensor:
-    B = x.shape[0]
+def _q3k_scales(scales: torch.Tensor, max_scale: torch.Tensor):
+    """Q3_K: the 16 sub-block scales as 6-bit codes against d = max_scale / -32. Returns the 12
+    scale bytes (B, 12), the effective d * (s - 32) (B, 16) and the fp16 bits of d (B,)."""
+    B = max_scale.shape[0]
     has = max_scale != 0
     iscale = fdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
     s = nearest_int(iscale[:, None] * scales.reshape(B, 16)).clamp(-32, 31) + 32
-    s = torch.where(has[:, None], s, torch.zeros_like(s)).to(torch.uint8)  # (B, 16) 6-bit
-    d = torch.where(has, fdiv(1.0, iscale), torch.zeros_like(iscale))[:, None]
-    d_bytes = f16_bytes(d)
-    d = _as_f16(d) * (s.float() - 32)
-    L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 4, -4, 3) + 4
-    L = L.reshape(B, 256).to(torch.uint8)
-    hmask = or_fields((L >> 2).reshape(B, 8, 32), 1)
-    packed_s = torch.cat([(s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4, or_fields((s >> 4).reshape(B, 4, 4), 2)], 1)
-    return torch.cat([hmask, _two_bit_fields(L & 3), packed_s, d_bytes], dim=1)
+    s = torch.where(has[:, None], s, torch.zeros_like(s))  # (B, 16) 6-bit
+    d = torch.where(has, fdiv(1.0, iscale), torch.zeros_like(iscale))
+    packed = torch.cat([(s[:, :8] & 0xF) | (s[:, 8:] & 0xF) << 4, or_fields((s >> 4).reshape(B, 4, 4), 2)], 1)
+    return packed, _as_f16(d)[:, None] * (s.float() - 32), f16_bits(d)
+
+
+@fused
+def _q3k_requantize(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return _requantize(x, d, None, 16, -4, 3)
+
+
+@fused
+def _q3k_words(W: torch.Tensor):
+    """Q3_K hmask (bit k of byte l = bit 2 of q[32k + l]) and qs (the low 2 bits), as words."""
+    Wk = W.reshape(-1, 8, 8)
+    hmask = _or_words([_byte_fields(Wk[:, k], 2, 1) for k in range(8)], 1)
+    return hmask, _two_bit_words(_byte_fields(W, 0, 3))
 
 
 @register_codec(T.Q3_K)
@@ -248,7 +312,9 @@ class Q3_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_q3_quants(_element_major(x, 16), 4)
         _, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        out.copy_(_q3k_blocks(x, L, scales, max_scale))
+        packed, d, d16 = _q3k_scales(scales, max_scale)
+        hmask, qs = _q3k_words(_words(_keep_search_codes(_q3k_requantize(x, d), L, d)))
+        _store(out, {0: _bytes_of(hmask), 32: _bytes_of(qs), 96: packed.to(torch.uint8)}, {108: d16})
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -264,21 +330,32 @@ class Q3_K(BlockCodec):
 
 
 @fused
-def _q6k_blocks(x, L, scales, max_abs, max_scale) -> torch.Tensor:
-    B = x.shape[0]
-    scales = scales.reshape(B, 16)
+def _q6k_scales(scales: torch.Tensor, max_abs: torch.Tensor, max_scale: torch.Tensor):
+    """Q6_K: the 16 sub-block scales as int8 codes against d = max_scale / -128. Returns their
+    bytes (B, 16), the effective d * sc (B, 16), the fp16 bits of d (B,) and the blocks that are
+    stored as zeros (B,)."""
+    B = max_abs.shape[0]
     blank = max_abs < GROUP_MAX_EPS  # the whole super-block is stored as zeros
     iscale = fdiv(-128.0, torch.where(blank, torch.ones_like(max_scale), max_scale))
-    d = fdiv(1.0, iscale)[:, None]
-    d_bytes = f16_bytes(d)
-    sc = nearest_int(iscale[:, None] * scales).clamp(max=127)  # (B, 16) in [-128, 127]
-    d = _as_f16(d) * sc.float()
-    L = _requantize(x.reshape(B, 16, 16), d, None, _block_major(L, B) - 32, -32, 31) + 32
-    L = L.reshape(B, 2, 4, 32).to(torch.uint8)
-    ql = or_fields((L & 0xF).reshape(B, 2, 2, 2, 32), 4, dim=-3).reshape(B, 128)
-    qh = or_fields(L >> 4, 2).reshape(B, 64)
-    blocks = torch.cat([ql, qh, (sc & 0xFF).to(torch.uint8), d_bytes], dim=1)  # sc: two's complement int8
-    return torch.where(blank[:, None], torch.zeros_like(blocks), blocks)
+    d = fdiv(1.0, iscale)
+    sc = nearest_int(iscale[:, None] * scales.reshape(B, 16)).clamp(max=127)  # in [-128, 127]
+    return (sc & 0xFF).to(torch.uint8), _as_f16(d)[:, None] * sc.float(), f16_bits(d), blank  # two's complement
+
+
+@fused
+def _q6k_requantize(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return _requantize(x, d, None, 16, -32, 31)
+
+
+@fused
+def _q6k_words(W: torch.Tensor):
+    """Q6_K ql (low nibbles: byte[64h + j] = q[128h + j] & 15 | (q[128h + 64 + j] & 15) << 4) and
+    qh (bits 4-5: byte[32h + l] = OR_k (q[128h + 32k + l] >> 4) << 2k) as words."""
+    W2 = W.reshape(-1, 2, 2, 16)
+    ql = _byte_fields(W2[:, :, 0], 0, 0xF) | _byte_fields(W2[:, :, 1], 0, 0xF) << 4
+    W4 = W.reshape(-1, 2, 4, 8)
+    qh = _or_words([_byte_fields(W4[:, :, k], 4, 3) for k in range(4)], 2)
+    return ql.reshape(-1, 32), qh.reshape(-1, 16)
 
 
 @register_codec(T.Q6_K)
@@ -290,7 +367,11 @@ class Q6_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         max_abs, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        out.copy_(_q6k_blocks(x, L, scales, max_abs, max_scale))
+        sc, d, d16, blank = _q6k_scales(scales, max_abs, max_scale)
+        ql, qh = _q6k_words(_words(_keep_search_codes(_q6k_requantize(x, d), L, d)))
+        _store(out, {0: _bytes_of(ql), 128: _bytes_of(qh), 192: sc}, {208: d16})
+        if bool(blank.any()):
+            out[blank] = 0
 
     @staticmethod
     def dequantize_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -299,3 +380,4 @@ class Q6_K(BlockCodec):
         qh = split_fields(b[:, 128:192].reshape(-1, 2, 32), 4, 2).reshape(-1, 8, 32)
         q = ((ql | qh << 4).to(torch.int8) - 32).reshape(-1, 16, 16).float()
         return (d * q).reshape(-1, 256)
+

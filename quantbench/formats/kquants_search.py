@@ -100,18 +100,24 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     descent: each weight in turn moves to the level that is optimal given the others, if that
     raises sum(w x l)**2 / sum(w l**2) with w = x**2. The sweeps are sequential within a
     sub-block (each move changes the sums the next one sees) and parallel across sub-blocks.
-    ggml stops a sub-block after a sweep that changed nothing; sweeping it again would change
-    nothing either (same state, same decisions), so all sub-blocks sweep until none changes.
+    ggml stops a sub-block after a sweep that changed nothing; here the first sweep runs on all
+    sub-blocks and each later one on those the sweep before it changed (about 20%, 5%, 1%, 0.1%
+    of them on Gaussian weights).
     x (n, S) -> codes l + nmax (n, S) float32, scale (S,).
     """
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     L, sumlx, suml2 = _q3_start(x, fdiv(float(-nmax), mx), nmax)
-    for _ in range(5):
-        L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
-        if not bool(changed.any()):
+    L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
+    active = changed.nonzero()[:, 0]
+    for _ in range(4):  # sweeps 2-5 on the sub-blocks the last sweep changed, as ggml stops the others
+        if len(active) == 0:
             break
+        cols = active.repeat(2) if len(active) == 1 else active  # a size of 1 would recompile the kernel
+        L_a, sumlx_a, suml2_a, changed = _q3_sweep(x[:, cols], L[:, cols], sumlx[cols], suml2[cols], nmax)
+        L[:, cols], sumlx[cols], suml2[cols] = L_a, sumlx_a, suml2_a
+        active = cols[changed]
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
     return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
 
