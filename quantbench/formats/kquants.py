@@ -39,7 +39,7 @@ from gguf import GGMLQuantizationType as T
 
 from .fused import fused, seq_sum
 from .ggml_codec import BlockCodec, fdiv, f16_bits, f16_value, nearest_int, or_fields, register_codec, split_fields
-from .kquants_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qkx2_quants, make_qx_quants
+from .kquants_search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants, scan_absmax
 
 
 def _element_major(x: torch.Tensor, sub: int) -> torch.Tensor:
@@ -277,10 +277,13 @@ class Q5_K(BlockCodec):
 
 
 @fused
-def _q3k_scales(scales: torch.Tensor, max_scale: torch.Tensor):
-    """Q3_K: the 16 sub-block scales as 6-bit codes against d = max_scale / -32. Returns the 12
-    scale bytes (B, 12), the effective d * (s - 32) (B, 16) and the fp16 bits of d (B,)."""
-    B = max_scale.shape[0]
+def _q3k_scales(scales: torch.Tensor):
+    """Q3_K: the 16 sub-block scales (S,) as 6-bit codes against d = max_scale / -32, max_scale the
+    one of largest magnitude. Returns the 12 scale bytes (B, 12), the effective d * (s - 32)
+    (B, 16) and the fp16 bits of d (B,)."""
+    scales = scales.reshape(-1, 16)
+    B = scales.shape[0]
+    _, max_scale = scan_absmax([scales[:, j] for j in range(16)])
     has = max_scale != 0
     iscale = fdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
     s = nearest_int(iscale[:, None] * scales.reshape(B, 16)).clamp(-32, 31) + 32
@@ -311,8 +314,7 @@ class Q3_K(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_q3_quants(_element_major(x, 16), 4)
-        _, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        packed, d, d16 = _q3k_scales(scales, max_scale)
+        packed, d, d16 = _q3k_scales(scales)
         hmask, qs = _q3k_words(_words(_keep_search_codes(_q3k_requantize(x, d), L, d)))
         _store(out, {0: _bytes_of(hmask), 32: _bytes_of(qs), 96: packed.to(torch.uint8)}, {108: d16})
 
@@ -330,11 +332,13 @@ class Q3_K(BlockCodec):
 
 
 @fused
-def _q6k_scales(scales: torch.Tensor, max_abs: torch.Tensor, max_scale: torch.Tensor):
-    """Q6_K: the 16 sub-block scales as int8 codes against d = max_scale / -128. Returns their
-    bytes (B, 16), the effective d * sc (B, 16), the fp16 bits of d (B,) and the blocks that are
-    stored as zeros (B,)."""
-    B = max_abs.shape[0]
+def _q6k_scales(scales: torch.Tensor):
+    """Q6_K: the 16 sub-block scales (S,) as int8 codes against d = max_scale / -128, max_scale the
+    one of largest magnitude. Returns their bytes (B, 16), the effective d * sc (B, 16), the fp16
+    bits of d (B,) and the blocks that are stored as zeros (B,)."""
+    scales = scales.reshape(-1, 16)
+    B = scales.shape[0]
+    max_abs, max_scale = scan_absmax([scales[:, j] for j in range(16)])
     blank = max_abs < GROUP_MAX_EPS  # the whole super-block is stored as zeros
     iscale = fdiv(-128.0, torch.where(blank, torch.ones_like(max_scale), max_scale))
     d = fdiv(1.0, iscale)
@@ -366,8 +370,7 @@ class Q6_K(BlockCodec):
     @staticmethod
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_qx_quants(_element_major(x, 16), 32)
-        max_abs, max_scale = first_absmax(scales.reshape(x.shape[0], 16).T)
-        sc, d, d16, blank = _q6k_scales(scales, max_abs, max_scale)
+        sc, d, d16, blank = _q6k_scales(scales)
         ql, qh = _q6k_words(_words(_keep_search_codes(_q6k_requantize(x, d), L, d)))
         _store(out, {0: _bytes_of(ql), 128: _bytes_of(qh), 192: sc}, {208: d16})
         if bool(blank.any()):

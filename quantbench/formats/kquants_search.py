@@ -18,15 +18,9 @@ import numpy as np
 import torch
 
 from .fused import fused, seq_sum
-from .ggml_codec import fdiv, nearest_int, signed_absmax
+from .ggml_codec import fdiv, nearest_int
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a sub-block whose largest |x| is below this is all zero
-
-
-def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|x| max, the signed x there) over dim 0, the first on ties, as ggml's `if (ax > amax)` scan."""
-    amax, mx = signed_absmax(x, 0)
-    return amax[0], mx[0]
 
 
 def _f32(values) -> np.ndarray:
@@ -44,23 +38,21 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     and the winner's codes are rebuilt at the end.
     x (n, S) -> codes L + nmax (n, S) float32, scale (S,).
     """
-    amax, mx = first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)
     # is = 0 is ggml's first try; the other 18 follow in ggml's order
     steps = _f32([0] + [i for i in range(-9, 10) if i != 0])
     factors = torch.from_numpy(-(_f32(nmax) + _f32(0.1) * steps)).to(x.device)  # (C,)
-    scale, best = _qx_first(x, mx, factors[0], nmax)
-    choice = torch.zeros_like(mx, dtype=torch.long)
-    for c in range(1, len(steps)):
-        scale, best, choice = _qx_next(x, mx, factors[c], torch.tensor(c, device=x.device), scale, best, choice, nmax)
-    return _qx_final(x, fdiv(factors[choice], mx), zero, scale, nmax)
+    mx, zero, scale, best, choice = _qx_first(x, factors[0], nmax)
+    c = [torch.tensor(i, device=x.device) for i in range(len(steps))]
+    for i in range(1, len(steps), 2):  # two candidates per call: one pass over x for both
+        scale, best, choice = _qx_next(x, mx, factors[i], factors[i + 1], c[i], c[i + 1], scale, best, choice, nmax)
+    return _qx_final(x, mx, factors, choice, zero, scale, nmax)
 
 
 @fused
-def _qx_final(x: torch.Tensor, iscale: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, nmax: int):
+def _qx_final(x: torch.Tensor, mx: torch.Tensor, factors: torch.Tensor, choice: torch.Tensor, zero: torch.Tensor,
+              scale: torch.Tensor, nmax: int):
     """The winners' codes, offset to >= 0; a sub-block of zeros gets code 0 and scale 0."""
-    L = _qx_codes(x, iscale, nmax) + nmax
+    L = _qx_codes(x, fdiv(factors[choice], mx), nmax) + nmax
     return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
 
 
@@ -78,19 +70,27 @@ def _qx_sums(x: torch.Tensor, mx: torch.Tensor, factor: torch.Tensor, nmax: int)
 
 
 @fused
-def _qx_first(x: torch.Tensor, mx: torch.Tensor, factor: torch.Tensor, nmax: int):
+def _qx_first(x: torch.Tensor, factor: torch.Tensor, nmax: int):
+    """The signed largest |x| per sub-block (1 for a sub-block of zeros, flagged), and the first
+    candidate's scale, gain and index 0."""
+    amax, mx = scan_absmax([x[i] for i in range(x.shape[0])])
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
     sumlx, suml2 = _qx_sums(x, mx, factor, nmax)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    return scale, scale * sumlx
+    return mx, zero, scale, scale * sumlx, torch.zeros_like(mx, dtype=torch.long)
 
 
 @fused
-def _qx_next(x, mx, factor, c, scale, best, choice, nmax: int):
-    """Candidate c >= 1: taken when it beats the best so far (compared as ggml does, cross-multiplied)."""
-    sumlx, suml2 = _qx_sums(x, mx, factor, nmax)
-    ratio = sumlx / suml2
-    take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-    return torch.where(take, ratio, scale), torch.where(take, ratio * sumlx, best), torch.where(take, c, choice)
+def _qx_next(x, mx, factor_a, factor_b, c_a, c_b, scale, best, choice, nmax: int):
+    """Candidates c_a then c_b: each taken when it beats the best so far (compared as ggml does,
+    cross-multiplied)."""
+    for factor, c in ((factor_a, c_a), (factor_b, c_b)):
+        sumlx, suml2 = _qx_sums(x, mx, factor, nmax)
+        ratio = sumlx / suml2
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale, best, choice = torch.where(take, ratio, scale), torch.where(take, ratio * sumlx, best), torch.where(take, c, choice)
+    return scale, best, choice
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,31 +105,56 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     of them on Gaussian weights).
     x (n, S) -> codes l + nmax (n, S) float32, scale (S,).
     """
-    amax, mx = first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-    L, sumlx, suml2 = _q3_start(x, fdiv(float(-nmax), mx), nmax)
+    L, sumlx, suml2, zero = _q3_start(x, nmax)
     L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
     active = changed.nonzero()[:, 0]
     for _ in range(4):  # sweeps 2-5 on the sub-blocks the last sweep changed, as ggml stops the others
         if len(active) == 0:
             break
         cols = active.repeat(2) if len(active) == 1 else active  # a size of 1 would recompile the kernel
-        L_a, sumlx_a, suml2_a, changed = _q3_sweep(x[:, cols], L[:, cols], sumlx[cols], suml2[cols], nmax)
-        L[:, cols], sumlx[cols], suml2[cols] = L_a, sumlx_a, suml2_a
+        part = [t.index_select(-1, cols) for t in (x, L, sumlx, suml2)]
+        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*part, nmax)
+        for t, v in ((L, L_a), (sumlx, sumlx_a), (suml2, suml2_a)):
+            t.index_copy_(-1, cols, v)
         active = cols[changed]
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
-    return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
+    return _q3_final(L, sumlx, suml2, zero, nmax)
+
+
+def scan_absmax(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|x| max, the signed x there) over a sequence of equal-shaped tensors, the first on ties:
+    ggml's `if (ax > amax) { amax = ax; max = x; }` scan from 0, elementwise, so that a fused kernel
+    runs it."""
+    amax = rows[0].abs()
+    mx = torch.where(amax > 0, rows[0], torch.zeros_like(amax))
+    for i in range(1, len(rows)):
+        ax = rows[i].abs()
+        take = ax > amax
+        amax = torch.where(take, ax, amax)
+        mx = torch.where(take, rows[i], mx)
+    return amax, mx
 
 
 @fused
-def _q3_start(x: torch.Tensor, iscale: torch.Tensor, nmax: int):
+def _q3_start(x: torch.Tensor, nmax: int):
+    """Round with the scale that maps the largest |x| to -nmax: codes (n, S), their sums, and the
+    sub-blocks of zeros (S,). (Running the first sweep in the same kernel was no faster and took
+    minutes to compile.)"""
     rows = range(x.shape[0])
+    amax, mx = scan_absmax([x[i] for i in rows])
+    zero = amax < GROUP_MAX_EPS
+    iscale = fdiv(float(-nmax), torch.where(zero, torch.ones_like(mx), mx))
     L = [torch.round(iscale * x[i]).clamp(-nmax, nmax - 1) for i in rows]
     w = [x[i] * x[i] for i in rows]
     sumlx = seq_sum([w[i] * x[i] * L[i] for i in rows])
     suml2 = seq_sum([w[i] * L[i] * L[i] for i in rows])
-    return torch.stack(L), sumlx, suml2
+    return torch.stack(L), sumlx, suml2, zero
+
+
+@fused
+def _q3_final(L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, zero: torch.Tensor, nmax: int):
+    """Codes offset to >= 0 and the scale; a sub-block of zeros gets code 0 and scale 0."""
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
+    return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
 
 
 @fused
