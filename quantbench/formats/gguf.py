@@ -116,7 +116,7 @@ class GGUFFormat:
         if not codec.screens:
             require_finite(w, cfg)
         rows, n = w.shape
-        x = w.reshape(-1, codec.block_size)  # (n_blocks, block_size), row after row
+        x = w.contiguous().reshape(-1, codec.block_size)  # (n_blocks, block_size), row after row
         blocks, suspect = codec.quantize_all(x)
         if suspect:  # a codec that screens flagged a block: find out what is wrong, and say so
             if codec.screens:

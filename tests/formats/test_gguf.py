@@ -274,6 +274,16 @@ def test_bad_inputs():
         quantize_tensor(torch.randn(4, 256) * 1e9, "gguf:Q8_0")
 
 
+@pytest.mark.parametrize("t", LEGACY + KQUANTS)
+def test_transposed_weight(t):
+    """GPT-2's Conv1D stores the transpose: a non-contiguous (out, in) view quantizes to the same
+    bytes as its contiguous copy (the kernels' outputs follow their input's strides)."""
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(3)).T  # (384, 256), strides (1, 384):
+    # one k-quant block per row, so reshaping to blocks keeps the strides (the GPT-2 case)
+    assert not w.is_contiguous()
+    assert torch.equal(quantize_tensor(w, f"gguf:{t}").blocks, quantize_tensor(w.contiguous(), f"gguf:{t}").blocks)
+
+
 @pytest.mark.parametrize("t", LEGACY + ("Q4_K",))
 def test_nan_and_inf_are_refused(t, path):
     """The legacy codecs find NaN/Inf in their own pass over the blocks (no separate check of the
