@@ -122,6 +122,34 @@ def _weights_files(path: Path) -> list[Path]:
     return files or [path / "config.json"]
 
 
+def _converted_gguf(gguf_path: Path) -> Path:
+    """A transformers directory (safetensors, float32) of a GGUF file's model and tokenizer, cached.
+
+    transformers reads a GGUF file three times over (config, tokenizer, weights) with gguf-py's
+    reader and dequantizes every tensor: 40 s for the embedded 135M model on 2 cores, most of a
+    warm benchmark run. Its result is saved once, keyed by the file's bytes and the versions of
+    the two libraries that converted it, and later loads read the directory (about 2 s)."""
+    from importlib.metadata import version
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import cache
+
+    def build(d: Path) -> dict:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config  # the weights saved here are float
+        model.hf_quantizer = None  # transformers' GGUF "quantizer" refuses to save; it only dequantized
+        model.save_pretrained(d, safe_serialization=True)
+        tokenizer.save_pretrained(d)
+        return {}
+
+    key = {"gguf_sha256": file_sha256(gguf_path), "transformers": transformers.__version__, "gguf": version("gguf")}
+    return cache.get_or_build("gguf-conversion", key, build, label=gguf_path.name).path
+
+
 def load_reference(source: str = EMBEDDED_MODEL, dtype: Dtype = "fp32", device: str = "cpu") -> Reference:
     """Load a model as the float reference, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,10 +171,9 @@ def load_reference(source: str = EMBEDDED_MODEL, dtype: Dtype = "fp32", device: 
 
             path = Path(snapshot_download(source, local_files_only=True))
         else:
-            if gguf_file:
-                kwargs["gguf_file"] = gguf_file
-            tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            src = _converted_gguf(path / gguf_file) if gguf_file else path
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         if kind == "hub":
             offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
