@@ -14,6 +14,8 @@ construction (|iscale * x| <= nmax + 1); ggml's exact `nearest_int` where it is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -93,31 +95,65 @@ def _qx_next(x, mx, factor_a, factor_b, c_a, c_b, scale, best, choice, nmax: int
     return scale, best, choice
 
 
-def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """ggml's make_q3_quants(n, nmax, x, L, do_rmse=true), used by Q3_K.
 
     Round with the scale that maps the largest |x| to -nmax, then up to 5 sweeps of coordinate
     descent: each weight in turn moves to the level that is optimal given the others, if that
     raises sum(w x l)**2 / sum(w l**2) with w = x**2. The sweeps are sequential within a
     sub-block (each move changes the sums the next one sees) and parallel across sub-blocks.
-    ggml stops a sub-block after a sweep that changed nothing; here the first sweep runs on all
-    sub-blocks and each later one on those the sweep before it changed (about 20%, 5%, 1%, 0.1%
-    of them on Gaussian weights).
-    x (n, S) -> codes l + nmax (n, S) float32, scale (S,).
+    ggml stops a sub-block after a sweep that changed nothing. Here the first sweep runs on all
+    sub-blocks; those it changed (about 20% on Gaussian weights) are gathered once into a compact
+    set, where sweep 2 runs on all of them and sweeps 3-5 on those the sweep before changed
+    (about 5%, 1%, 0.1% of all). Running a sweep on a sub-block that would have stopped changes
+    nothing, so the narrowing only saves work.
+    x (n, S) -> scale (S,) and `codes(idx)`: the final codes + nmax of the sub-blocks idx,
+    (len(idx), n) float32. The codes are only needed where a quantized scale is 0 (few sub-blocks),
+    so they are not scattered back from the compact set for all of them.
     """
     L, sumlx, suml2, zero = _q3_start(x, nmax)
     L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
-    active = changed.nonzero()[:, 0]
-    for _ in range(4):  # sweeps 2-5 on the sub-blocks the last sweep changed, as ggml stops the others
+    scale = _q3_scale(sumlx, suml2, zero)
+    cols = _two_or_more(changed.nonzero()[:, 0])
+    if len(cols) == 0:
+        return scale, lambda idx: _q3_codes(L[:, idx], zero[idx], nmax)
+    part = [x.index_select(-1, cols), L.index_select(-1, cols), sumlx[cols], suml2[cols]]
+    active = None  # all of the compact set
+    for _ in range(4):
+        sub = part if active is None else [t.index_select(-1, active) for t in part]
+        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*sub, nmax)
+        if active is None:
+            part[1:] = [L_a, sumlx_a, suml2_a]
+            active = _two_or_more(changed.nonzero()[:, 0])
+        else:
+            for t, v in zip(part[1:], (L_a, sumlx_a, suml2_a)):
+                t.index_copy_(-1, active, v)
+            active = _two_or_more(active[changed])
         if len(active) == 0:
             break
-        cols = active.repeat(2) if len(active) == 1 else active  # a size of 1 would recompile the kernel
-        part = [t.index_select(-1, cols) for t in (x, L, sumlx, suml2)]
-        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*part, nmax)
-        for t, v in ((L, L_a), (sumlx, sumlx_a), (suml2, suml2_a)):
-            t.index_copy_(-1, cols, v)
-        active = cols[changed]
-    return _q3_final(L, sumlx, suml2, zero, nmax)
+    scale.index_copy_(0, cols, _q3_scale(part[2], part[3], zero[cols]))
+    where = torch.full_like(zero, -1, dtype=torch.long)
+    where[cols] = torch.arange(len(cols), device=x.device)
+
+    def codes(idx: torch.Tensor) -> torch.Tensor:
+        at = where[idx]
+        moved = at >= 0
+        latest = L[:, idx]
+        latest[:, moved] = part[1][:, at[moved]]
+        return _q3_codes(latest, zero[idx], nmax)
+
+    return scale, codes
+
+
+def _two_or_more(idx: torch.Tensor) -> torch.Tensor:
+    """A single index repeated: a fused kernel called on a size of 1 would be compiled again for it
+    (repeating a sub-block repeats the same computation and the same write)."""
+    return idx.repeat(2) if len(idx) == 1 else idx
+
+
+def _q3_codes(L: torch.Tensor, zero: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Codes (n, k) of k sub-blocks -> (k, n) offset to >= 0; a sub-block of zeros gets code 0."""
+    return torch.where(zero, torch.zeros_like(L), L + nmax).T
 
 
 def scan_absmax(rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +187,10 @@ def _q3_start(x: torch.Tensor, nmax: int):
 
 
 @fused
-def _q3_final(L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, zero: torch.Tensor, nmax: int):
-    """Codes offset to >= 0 and the scale; a sub-block of zeros gets code 0 and scale 0."""
+def _q3_scale(sumlx: torch.Tensor, suml2: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale sum(w x l) / sum(w l**2); 0 for a sub-block of zeros."""
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
-    return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, torch.zeros_like(scale), scale)
+    return torch.where(zero, torch.zeros_like(scale), scale)
 
 
 @fused

@@ -77,8 +77,12 @@ def _cases() -> dict[str, np.ndarray]:
     blocks[2] = -3.0  # constant negative
     blocks[3, :32] = 0.0  # one zero block in a live super-block
     blocks[4, 16:32] = 1e-20  # a sub-block far below the others
+    loud = rng.standard_normal(shape)
+    loud[:, 0:16] *= 1e3  # one loud sub-block per super-block: the others' scales quantize to 0,
+    loud[:, 256:272] *= 1e3  # where the k-quants keep their search codes
     return {
         "normal": rng.standard_normal(shape),
+        "one_loud_sub_block": loud,
         "normal_small": rng.standard_normal(shape) * 1e-3,
         "uniform_pos": rng.uniform(0, 1, shape),
         "uniform_neg": -rng.uniform(0, 1, shape),
