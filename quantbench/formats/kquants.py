@@ -91,15 +91,20 @@ def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: 
     return (nearest_int(v).clamp(lo, hi) - lo).to(torch.uint8).reshape(B, -1)
 
 
-def _keep_search_codes(q: torch.Tensor, codes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+def _keep_search_codes(q: torch.Tensor, codes: Callable[[torch.Tensor], torch.Tensor], d: torch.Tensor) -> torch.Tensor:
     """ggml keeps the search's codes in a sub-block whose quantized scale d (B, n_sub) is 0: copy
-    them into q (B, 256) there (rare: few sub-blocks). `codes` is the search's codes element-major
-    (sub, S), offset like q, or a function giving those of some sub-blocks as (k, sub)."""
+    them into q (B, 256) there (rare: few sub-blocks). `codes(idx)` gives the search's codes of the
+    sub-blocks idx, offset like q, as (len(idx), sub)."""
     idx = (d == 0).reshape(-1).nonzero()[:, 0]
     if len(idx):
-        kept = codes(idx) if callable(codes) else codes[:, idx].T
+        kept = codes(idx)
         q.view(-1, kept.shape[1])[idx] = kept.to(torch.uint8)
     return q
+
+
+def _columns(L: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`codes(idx)` for codes held element-major, L (sub, S)."""
+    return lambda idx: L[:, idx].T
 
 
 def _words(q: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ def _qkx_codes(x: torch.Tensor, L: torch.Tensor, scales, mins, n_sub: int, scale
     """The post-search steps Q2_K, Q4_K and Q5_K share: scale codes, then requantized codes."""
     max_sc = torch.tensor(2**scale_bits - 1, dtype=torch.int32, device=x.device)
     sc, mn, d, dm, d16, dmin16 = _qkx_scale_codes(scales, mins, max_sc, n_sub, scale_bits)
-    q = _keep_search_codes(_qkx_requantize(x, d, dm, 256 // n_sub, nmax), L, d)
+    q = _keep_search_codes(_qkx_requantize(x, d, dm, 256 // n_sub, nmax), _columns(L), d)
     return q, sc, mn, d16, dmin16
 
 
@@ -378,7 +383,7 @@ class Q6_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         sc, d, d16, blank = _q6k_scales(scales)
-        ql, qh = _q6k_words(_words(_keep_search_codes(_q6k_requantize(x, d), L, d)))
+        ql, qh = _q6k_words(_words(_keep_search_codes(_q6k_requantize(x, d), _columns(L), d)))
         _store(out, {0: _bytes_of(ql), 128: _bytes_of(qh), 192: sc}, {208: d16})
         if bool(blank.any()):
             out[blank] = 0

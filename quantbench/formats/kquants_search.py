@@ -118,25 +118,22 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, Callable[[
     if len(cols) == 0:
         return scale, lambda idx: _q3_codes(L[:, idx], zero[idx], nmax)
     part = [x.index_select(-1, cols), L.index_select(-1, cols), sumlx[cols], suml2[cols]]
-    active = None  # all of the compact set
-    for _ in range(4):
-        sub = part if active is None else [t.index_select(-1, active) for t in part]
-        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*sub, nmax)
-        if active is None:
-            part[1:] = [L_a, sumlx_a, suml2_a]
-            active = _two_or_more(changed.nonzero()[:, 0])
-        else:
-            for t, v in zip(part[1:], (L_a, sumlx_a, suml2_a)):
-                t.index_copy_(-1, active, v)
-            active = _two_or_more(active[changed])
+    L_a, sumlx_a, suml2_a, changed = _q3_sweep(*part, nmax)  # sweep 2, on all of the compact set
+    part[1:] = [L_a, sumlx_a, suml2_a]
+    active = _two_or_more(changed.nonzero()[:, 0])
+    for _ in range(3):  # sweeps 3-5, on those the sweep before changed
         if len(active) == 0:
             break
+        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*[t.index_select(-1, active) for t in part], nmax)
+        for t, v in zip(part[1:], (L_a, sumlx_a, suml2_a)):
+            t.index_copy_(-1, active, v)
+        active = _two_or_more(active[changed])
     scale.index_copy_(0, cols, _q3_scale(part[2], part[3], zero[cols]))
-    where = torch.full_like(zero, -1, dtype=torch.long)
-    where[cols] = torch.arange(len(cols), device=x.device)
+    slot = torch.full_like(zero, -1, dtype=torch.long)  # a sub-block's column in the compact set
+    slot[cols] = torch.arange(len(cols), device=x.device)
 
     def codes(idx: torch.Tensor) -> torch.Tensor:
-        at = where[idx]
+        at = slot[idx]
         moved = at >= 0
         latest = L[:, idx]
         latest[:, moved] = part[1][:, at[moved]]
