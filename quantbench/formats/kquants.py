@@ -46,10 +46,10 @@ from .kquants_search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, mak
 
 @fused
 def _element_major(x: torch.Tensor, sub: int) -> torch.Tensor:
-    """(B, 256) -> (sub, B * 256 / sub): the weights of each sub-block down a column. Compiled as
-    one row per element, the transpose takes a third of eager torch's time on the CPU."""
-    columns = x.reshape(-1, sub)
-    return torch.stack([columns[:, i] for i in range(sub)])
+    """(B, 256) -> (sub, B * 256 / sub): the weights of each sub-block down a column. Compiled, the
+    transpose runs in 8x8 tiles in registers: on a 16K-block chunk 3.3 ms, where eager torch takes
+    7.4 ms and a stack of columns 12.6 ms (16 output streams)."""
+    return x.reshape(-1, sub).t().contiguous()
 
 
 def _positive_max(v: torch.Tensor) -> torch.Tensor:
@@ -320,7 +320,7 @@ def _q3k_words(W: torch.Tensor):
 
 @register_codec(T.Q3_K)
 class Q3_K(BlockCodec):
-    chunk_blocks = 1 << 12  # measured best compiled on the 2-core machine
+    chunk_blocks = 1 << 14  # measured best compiled on the 2-core machine (8K and 32K blocks: 5-10% slower)
     f16_fields = slice(108, 110)
 
     @staticmethod

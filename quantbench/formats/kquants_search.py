@@ -100,46 +100,54 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, Callable[[
 
     Round with the scale that maps the largest |x| to -nmax, then up to 5 sweeps of coordinate
     descent: each weight in turn moves to the level that is optimal given the others, if that
-    raises sum(w x l)**2 / sum(w l**2) with w = x**2. The sweeps are sequential within a
-    sub-block (each move changes the sums the next one sees) and parallel across sub-blocks.
-    ggml stops a sub-block after a sweep that changed nothing. Here the first sweep runs on all
-    sub-blocks; those it changed (about 20% on Gaussian weights) are gathered once into a compact
-    set, where sweep 2 runs on all of them and sweeps 3-5 on those the sweep before changed
-    (about 5%, 1%, 0.1% of all). Running a sweep on a sub-block that would have stopped changes
-    nothing, so the narrowing only saves work.
+    raises sum(w x l)**2 / sum(w l**2) with w = x**2. ggml stops a sub-block after a sweep that
+    changed nothing.
+
+    A sweep is sequential within a sub-block (a move changes the sums the next weights see), and
+    its chain of dependent float ops bounds its speed on the CPU. But moves are rare, and until
+    the first one every weight sees the sums the sweep started with. So a sub-block in which no
+    weight's level would change against those sums is one the sweep leaves alone;
+    `_q3_may_move` finds those without ggml's division and without the chain (it errs on the
+    safe side: the few sub-blocks with a weight near a rounding boundary are flagged too, and a
+    sweep leaves them as they are). Only flagged sub-blocks are swept: about 21% in sweep 1
+    (flagged in the kernel that rounds, so the others keep nothing but their scale), 5% in
+    sweep 2, 1% in sweep 3. Sweeps 4 and 5 run on sweep 3's set without a new check: a sweep
+    does not change a settled sub-block, and there a check would cost more than it saves.
     x (n, S) -> scale (S,) and `codes(idx)`: the final codes + nmax of the sub-blocks idx,
-    (len(idx), n) float32. The codes are only needed where a quantized scale is 0 (few sub-blocks),
-    so they are not scattered back from the compact set for all of them.
+    (len(idx), n) float32, needed only where a quantized scale is 0 (few sub-blocks).
     """
-    L, sumlx, suml2, zero = _q3_start(x, nmax)
-    L, sumlx, suml2, changed = _q3_sweep(x, L, sumlx, suml2, nmax)
-    scale = _q3_scale(sumlx, suml2, zero)
-    cols = _two_or_more(changed.nonzero()[:, 0])
-    if len(cols) == 0:
-        return scale, lambda idx: _q3_codes(L[:, idx], zero[idx], nmax)
-    part = [x.index_select(-1, cols), L.index_select(-1, cols), sumlx[cols], suml2[cols]]
-    L_a, sumlx_a, suml2_a, changed = _q3_sweep(*part, nmax)  # sweep 2, on all of the compact set
-    part[1:] = [L_a, sumlx_a, suml2_a]
-    active = _two_or_more(changed.nonzero()[:, 0])
-    for _ in range(3):  # sweeps 3-5, on those the sweep before changed
-        if len(active) == 0:
-            break
-        L_a, sumlx_a, suml2_a, changed = _q3_sweep(*[t.index_select(-1, active) for t in part], nmax)
-        for t, v in zip(part[1:], (L_a, sumlx_a, suml2_a)):
-            t.index_copy_(-1, active, v)
-        active = _two_or_more(active[changed])
-    scale.index_copy_(0, cols, _q3_scale(part[2], part[3], zero[cols]))
-    slot = torch.full_like(zero, -1, dtype=torch.long)  # a sub-block's column in the compact set
-    slot[cols] = torch.arange(len(cols), device=x.device)
+    scale, zero, maybe = _q3_first(x, nmax)
+    levels = []  # per sweep: the sub-blocks it ran on (sorted), and their codes after it
+    at = _two_or_more(maybe.nonzero()[:, 0])
+    if len(at):
+        xs = _gather(x, at)
+        now = [xs, *_q3_start(xs, nmax)[:3]]  # x (n, k), codes (n, k), sums (k,) of the sub-blocks at
+        for sweep in range(5):
+            if sweep in (1, 2):  # sweep 1 runs on all of them; 4 and 5 where 3 did (see above)
+                keep = _two_or_more(_q3_may_move(*now, nmax).nonzero()[:, 0])
+                if len(keep) == 0:
+                    break
+                at = at[keep]
+                now = [_gather(t, keep) for t in now]
+            *now[1:], sub_scale = _q3_sweep(*now, nmax)
+            scale.index_copy_(0, at, sub_scale)
+            levels.append((at, now[1]))
 
     def codes(idx: torch.Tensor) -> torch.Tensor:
-        at = slot[idx]
-        moved = at >= 0
-        latest = L[:, idx]
-        latest[:, moved] = part[1][:, at[moved]]
-        return _q3_codes(latest, zero[idx], nmax)
+        L = _q3_start(x[:, _two_or_more(idx)], nmax)[0][:, : len(idx)]  # as rounded
+        for at, L_swept in levels:  # then as each sweep left them
+            i = torch.searchsorted(at, idx).clamp(max=len(at) - 1)
+            hit = at[i] == idx
+            L[:, hit] = L_swept[:, i[hit]]
+        return _q3_codes(L, zero[idx], nmax)
 
     return scale, codes
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The columns idx of t (..., S): torch.gather, which on the CPU takes 70% of index_select's
+    time for (16, S)."""
+    return t.index_select(-1, idx) if t.dim() == 1 else torch.gather(t, -1, idx.expand(*t.shape[:-1], -1))
 
 
 def _two_or_more(idx: torch.Tensor) -> torch.Tensor:
@@ -167,12 +175,10 @@ def scan_absmax(rows) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, mx
 
 
-@fused
-def _q3_start(x: torch.Tensor, nmax: int):
-    """Round with the scale that maps the largest |x| to -nmax: codes (n, S), their sums, and the
-    sub-blocks of zeros (S,). (Running the first sweep in the same kernel was no faster and took
-    minutes to compile.)"""
-    rows = range(x.shape[0])
+def _q3_round(x, nmax: int):
+    """Round with the scale that maps the largest |x| to -nmax: code rows, their sums, and the
+    sub-blocks of zeros (S,)."""
+    rows = range(len(x))
     amax, mx = scan_absmax([x[i] for i in rows])
     zero = amax < GROUP_MAX_EPS
     iscale = fdiv(float(-nmax), torch.where(zero, torch.ones_like(mx), mx))
@@ -180,7 +186,24 @@ def _q3_start(x: torch.Tensor, nmax: int):
     w = [x[i] * x[i] for i in rows]
     sumlx = seq_sum([w[i] * x[i] * L[i] for i in rows])
     suml2 = seq_sum([w[i] * L[i] * L[i] for i in rows])
+    return L, sumlx, suml2, zero
+
+
+@fused
+def _q3_start(x: torch.Tensor, nmax: int):
+    """The rounded codes (n, S), their sums and the sub-blocks of zeros."""
+    L, sumlx, suml2, zero = _q3_round(x, nmax)
     return torch.stack(L), sumlx, suml2, zero
+
+
+@fused
+def _q3_first(x: torch.Tensor, nmax: int):
+    """Round, and flag the sub-blocks sweep 1 may move, in one pass over x: the scale the rounding
+    gives (S,), the sub-blocks of zeros and the flags. Nothing per weight is stored: a flagged
+    sub-block is rounded again where it is swept."""
+    L, sumlx, suml2, zero = _q3_round(x, nmax)
+    # ggml returns before the sweeps for a sub-block of zeros, tiny weights and all
+    return _q3_scale.eager(sumlx, suml2, zero), zero, _q3_may_move.eager(x, L, sumlx, suml2, nmax) & ~zero
 
 
 @fused
@@ -190,25 +213,62 @@ def _q3_scale(sumlx: torch.Tensor, suml2: torch.Tensor, zero: torch.Tensor) -> t
     return torch.where(zero, torch.zeros_like(scale), scale)
 
 
+def _q3_step(x: torch.Tensor, l: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int):
+    """ggml's move of one weight x with code l, given the sums (S,): its best level given the
+    others, the sums with it, and whether the move is taken (it raises the gain)."""
+    w = x * x
+    wx = w * x
+    slx = sumlx - wx * l
+    sl2 = suml2 - w * l * l
+    new_l = nearest_int(x * sl2 / slx).clamp(-nmax, nmax - 1).float()
+    new_slx = slx + wx * new_l
+    new_sl2 = sl2 + w * new_l * new_l
+    take = (slx > 0) & (new_l != l) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+    return new_l, new_slx, new_sl2, take
+
+
+# _q3_may_move's bounds, in units of the sums' slx: a weight keeps its level l when the level ggml
+# rounds to, q = x * sl2 / slx, lies strictly within 0.4999 of l (0.5 is a tie), or, at the ends
+# of the grid, anywhere beyond it short of 4e6 (ggml's nearest_int is exact below 2**22 = 4194304).
+# Computed as d = x * sl2 - l * slx, the test is off by under 1e-6 * slx, far inside the margin.
+_MARGIN, _FAR = 0.4999, 4e6
+_TINY = 1e-30  # below this slx the products lose their relative precision (subnormals): no verdict
+
+
+@fused
+def _q3_may_move(x, L, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Whether a sweep may move a weight, decided without ggml's division: (S,) bool, True for
+    every sub-block the sweep moves (and for the few whose q lies within 1e-4 of a rounding
+    boundary, where only the division can tell; sweeping those changes nothing).
+
+    Until the first move every weight sees the sums the sweep started with, and a weight moves
+    only if its level changes. So a sub-block where no weight's level would change against
+    those sums is one the sequential sweep leaves alone."""
+    maybe = torch.zeros_like(sumlx, dtype=torch.bool)
+    for i in range(len(x)):
+        l = L[i]
+        w = x[i] * x[i]
+        slx = sumlx - w * x[i] * l
+        sl2 = suml2 - w * l * l
+        d = x[i] * sl2 - l * slx  # slx * (q - l), q the level ggml rounds to
+        lo = torch.where(l == -nmax, torch.full_like(l, -_FAR), torch.full_like(l, -_MARGIN)) * slx
+        hi = torch.where(l == nmax - 1, torch.full_like(l, _FAR), torch.full_like(l, _MARGIN)) * slx
+        stays = (slx <= 0) | ((slx >= _TINY) & (d > lo) & (d < hi))
+        maybe = maybe | ~stays
+    return maybe
+
+
 @fused
 def _q3_sweep(x: torch.Tensor, L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int):
-    """One sweep over the n weights of every sub-block: L (n, S), the sums (S,)."""
+    """One sweep over the n weights of every sub-block, in order: L (n, S), the sums and the
+    scale they give (S,). (No sub-block of zeros is swept.)"""
     rows = [L[i] for i in range(x.shape[0])]
-    changed = torch.zeros_like(sumlx, dtype=torch.bool)
     for i, l in enumerate(rows):
-        w = x[i] * x[i]
-        wx = w * x[i]
-        slx = sumlx - wx * l
-        sl2 = suml2 - w * l * l
-        new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1).float()
-        new_slx = slx + wx * new_l
-        new_sl2 = sl2 + w * new_l * new_l
-        take = (slx > 0) & (new_l != l) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+        new_l, new_slx, new_sl2, take = _q3_step(x[i], l, sumlx, suml2, nmax)
         rows[i] = torch.where(take, new_l, l)
         sumlx = torch.where(take, new_slx, sumlx)
         suml2 = torch.where(take, new_sl2, suml2)
-        changed = changed | take
-    return torch.stack(rows), sumlx, suml2, changed
+    return torch.stack(rows), sumlx, suml2, _q3_scale.eager(sumlx, suml2, torch.zeros_like(take))
 
 
 def make_qkx2_quants(

@@ -18,6 +18,7 @@ from hypothesis.extra.numpy import arrays
 import ggml_ref
 from quantbench import QTensor, quantize_tensor
 from quantbench.formats import fused
+from quantbench.formats import kquants_search as search
 from quantbench.formats.ggml_codec import bits_le, or_fields, split_fields, unbits_le
 from quantbench.formats.gguf import GGUF_TYPES, GGUFConfig, GGUFQTensor, types_for_width
 from quantbench.spec import SpecError
@@ -495,3 +496,20 @@ def test_fused_runs_eagerly_inside_eager_block():
         assert not f.compiles_for(torch.zeros(1))
         f(torch.zeros(3))
     assert calls == [False]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=weights(256), grid=st.booleans())
+def test_q3_may_move_flags_every_sub_block_a_sweep_moves(data, grid):
+    """Q3_K sweeps only the sub-blocks `_q3_may_move` flags, so it must flag every one that ggml's
+    sweep would change, in each of the 5 sweeps: on any magnitudes, and on weights that lie on a
+    grid, where the level ggml rounds to can fall exactly on a tie."""
+    w, scale = data
+    x = torch.from_numpy((np.round(w * 4) if grid else w * scale).astype(np.float32)).reshape(-1, 16).T  # (16, S)
+    L, sumlx, suml2, zero = search._q3_start.eager(x, 4)
+    for _ in range(5):
+        maybe = search._q3_may_move.eager(x, L, sumlx, suml2, 4)
+        L_next, sumlx, suml2, _ = search._q3_sweep.eager(x, L, sumlx, suml2, 4)
+        moved = (L_next != L).any(0) & ~zero
+        assert not (moved & ~maybe).any(), f"{int((moved & ~maybe).sum())} moved sub-blocks not flagged"
+        L = L_next
