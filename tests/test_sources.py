@@ -1,5 +1,8 @@
 """Sources: the embedded text, the split, and each bad input's error."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from quantbench.sources import SourceError, load_reference, load_text, split_tokens
@@ -80,3 +83,16 @@ def test_text_shorter_than_asked():
 def test_overlapping_calibration_and_eval_request():
     with pytest.raises(SourceError, match="overlap"):
         split_tokens(1000, 100, 8, 3, 100, seed=0)  # 2 free blocks, 3 sequences asked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reference_weights_are_not_pages_of_the_file(tiny_model_dirs, arch):
+    """transformers maps safetensors files into memory; the reference copies its weights out, so
+    that a weight swapped for a QTensor frees its memory and resident-set figures do not depend on
+    which pages were read."""
+    ref = load_reference(tiny_model_dirs[arch])
+    files = {str(p.resolve()) for p in Path(tiny_model_dirs[arch]).glob("*.safetensors")}
+    assert files, "the tiny model is saved as safetensors"
+    mapped = {line.split(maxsplit=5)[-1].strip() for line in open("/proc/self/maps") if ".safetensors" in line}
+    assert not files & mapped, f"still mapped: {files & mapped}"
