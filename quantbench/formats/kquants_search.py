@@ -213,13 +213,17 @@ def _q3_scale(sumlx: torch.Tensor, suml2: torch.Tensor, zero: torch.Tensor) -> t
     return torch.where(zero, torch.zeros_like(scale), scale)
 
 
+def _q3_without(x: torch.Tensor, l: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor):
+    """The weight w = x**2, w * x, and the sums without the weight x (code l), in ggml's order."""
+    w = x * x
+    wx = w * x
+    return w, wx, sumlx - wx * l, suml2 - w * l * l
+
+
 def _q3_step(x: torch.Tensor, l: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int):
     """ggml's move of one weight x with code l, given the sums (S,): its best level given the
     others, the sums with it, and whether the move is taken (it raises the gain)."""
-    w = x * x
-    wx = w * x
-    slx = sumlx - wx * l
-    sl2 = suml2 - w * l * l
+    w, wx, slx, sl2 = _q3_without(x, l, sumlx, suml2)
     new_l = nearest_int(x * sl2 / slx).clamp(-nmax, nmax - 1).float()
     new_slx = slx + wx * new_l
     new_sl2 = sl2 + w * new_l * new_l
@@ -247,9 +251,7 @@ def _q3_may_move(x, L, sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> t
     maybe = torch.zeros_like(sumlx, dtype=torch.bool)
     for i in range(len(x)):
         l = L[i]
-        w = x[i] * x[i]
-        slx = sumlx - w * x[i] * l
-        sl2 = suml2 - w * l * l
+        _, _, slx, sl2 = _q3_without(x[i], l, sumlx, suml2)
         d = x[i] * sl2 - l * slx  # slx * (q - l), q the level ggml rounds to
         lo = torch.where(l == -nmax, torch.full_like(l, -_FAR), torch.full_like(l, -_MARGIN)) * slx
         hi = torch.where(l == nmax - 1, torch.full_like(l, _FAR), torch.full_like(l, _MARGIN)) * slx
