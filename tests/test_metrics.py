@@ -112,3 +112,33 @@ def test_scoring_in_row_chunks_changes_no_figure():
     assert 150 > metrics.ROWS
     for k in TokenScores.__dataclass_fields__:
         assert torch.equal(getattr(whole, k), getattr(chunked, k)), k
+
+
+@pytest.mark.parametrize("n", [1, 2, 65])
+def test_scores_do_not_depend_on_the_thread_count(n):
+    """xdist workers and a single process may run different thread counts: a row's sums must not be
+    split between threads (torch would split a lone row's, so it is scored as two)."""
+    g = torch.Generator().manual_seed(n)
+    ref, var = torch.randn(n, 50_000, generator=g) * 3, torch.randn(n, 50_000, generator=g)
+    targets = torch.randint(0, 50_000, (n,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = score_tokens(ref, var, targets)
+        torch.set_num_threads(1)
+        one = score_tokens(ref, var, targets)
+    finally:
+        torch.set_num_threads(threads)
+    for k in TokenScores.__dataclass_fields__:
+        assert torch.equal(getattr(one, k), getattr(two, k)), k
+
+
+def test_kl_agrees_with_a_float64_computation():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(70, 1000, generator=g) * 3
+    var = ref + torch.randn(70, 1000, generator=g) * 0.5
+    p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(var.double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    s = score_tokens(ref, var, torch.zeros(70, dtype=torch.long))
+    assert torch.allclose(s.kld, exact, rtol=1e-4)
+    assert torch.allclose(s.nll, -q[:, 0], atol=1e-5) and torch.allclose(s.nll_ref, -p[:, 0], atol=1e-5)

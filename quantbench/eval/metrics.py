@@ -45,49 +45,68 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 ROWS = 64  # positions scored at a time: (64, 49152) float32 buffers are 12.6 MB, cache-sized
 
 
+def _row_sums(ref: torch.Tensor, logits: torch.Tensor):
+    """Per row of (N, V) float32 reference and variant logits: each one's max and argmax (one pass
+    each), sum of exp(x - max), the sum of exp(ref - max) * (logits - ref) and the sum of squared
+    differences. Two (N, V) buffers, each written twice; no log-softmax is materialized."""
+    m_ref, top_ref = ref.max(-1)
+    m, top = logits.max(-1)
+    d = logits - ref
+    sq = _row_dot(d, d)
+    e = torch.sub(ref, m_ref[:, None]).exp_()
+    z_ref, cross = e.sum(-1), _row_dot(e, d)
+    z = torch.sub(logits, m[:, None], out=e).exp_().sum(-1)
+    return m_ref, z_ref, m, z, cross, sq, top_ref, top
+
+
 @torch.no_grad()
 def score_tokens(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
     """Scores for positions whose logits are given: (N, V) reference, (N, V) variant, (N,) targets.
 
     This runs once per evaluated token over the whole vocabulary (49,152 wide for the embedded
-    model), so it touches each (N, V) array as few times as it can: two log-softmaxes, one
-    difference buffer reused for log(p_ref / p), and row dots instead of product-then-sum; and it
-    goes ROWS positions at a time, whose buffers stay in the CPU's cache between those passes
-    (measured 0.19 s instead of 0.27 s for 511 positions). Every score is per row, so the
-    chunking changes no figure.
+    model), so it reads the logits as few times as it can: `_row_sums` reduces both arrays to a
+    few numbers per row, from which the log-normalizers ln Z = max + ln(sum exp(x - max)) and
+
+        KL(p_ref || p) = sum p_ref (ln p_ref - ln p) = (ln Z - ln Z_ref) - E_ref[logits - ref]
+
+    follow in float64. It goes ROWS positions at a time, whose rows stay in the CPU's cache between
+    passes. Measured on 2 cores for 511 positions of 49,152: 182 ms, against 234 ms for the two
+    log-softmaxes and row dots it replaces, and closer to a float64 computation: relative errors
+    of the KL 3e-4 at KL 5e-3 and 1.5e-2 at 5e-5 (the log-softmaxes' 8e-4 and 9e-2; float32
+    logits of magnitude ~10 carry ~1e-6 each). Every score is per row, so the chunking changes
+    no figure.
     """
     assert ref_logits.shape == logits.shape and ref_logits.shape[0] == targets.shape[0], (
         ref_logits.shape,
         logits.shape,
         targets.shape,
     )
-    n = targets.shape[0]
-    if n <= ROWS:
-        return _score_rows(ref_logits, logits, targets)
-    return TokenScores.cat([_score_rows(ref_logits[a : a + ROWS], logits[a : a + ROWS], targets[a : a + ROWS]) for a in range(0, n, ROWS)])
+    cuts = list(range(0, targets.shape[0], ROWS)) + [targets.shape[0]]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+        del cuts[-2]  # no lone last row (see _score_rows): the chunk before it takes it
+    return TokenScores.cat([_score_rows(ref_logits[a:b], logits[a:b], targets[a:b]) for a, b in zip(cuts, cuts[1:])])
 
 
 def _score_rows(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
-    ref_logits = ref_logits.float()
-    logits = logits.float()
+    ref_logits, logits = ref_logits.float(), logits.float()
     t = targets.long().unsqueeze(-1)
-    top_ref = ref_logits.argmax(-1)
-    top = logits.argmax(-1)
-    d = logits - ref_logits  # (N, V)
-    sq_err = _row_dot(d, d) / d.shape[-1]
-    logp_ref = torch.log_softmax(ref_logits, dim=-1)  # (N, V)
-    logp = torch.log_softmax(logits, dim=-1)
-    nll_ref = -logp_ref.gather(-1, t).squeeze(-1)
-    nll = -logp.gather(-1, t).squeeze(-1)
-    torch.sub(logp_ref, logp, out=d)  # log(p_ref / p)
-    kld = _row_dot(logp_ref.exp_(), d).clamp_min(0.0)  # sum p_ref log(p_ref / p); rounding can give -1e-9
+    # torch splits a lone row's sums between threads, so its figures would depend on the thread
+    # count; two or more rows are shared out by row. A lone row is scored twice over.
+    lone = ref_logits.shape[0] == 1
+    both = (ref_logits.expand(2, -1), logits.expand(2, -1)) if lone else (ref_logits, logits)
+    sums = _row_sums(*(x.contiguous() for x in both))
+    m_ref, z_ref, m, z, cross, sq, top_ref, top = (x[:1].cpu() if lone else x.cpu() for x in sums)
+    ln_z_ref = m_ref.double() + z_ref.double().log()
+    ln_z = m.double() + z.double().log()
+    kld = (ln_z - ln_z_ref - cross.double() / z_ref.double()).clamp_min(0.0)  # rounding can give -1e-9
+    targets = targets.cpu()
     return TokenScores(
-        nll_ref=nll_ref.double().cpu(),
-        nll=nll.double().cpu(),
-        kld=kld.double().cpu(),
-        same_top1=(top == top_ref).double().cpu(),
-        correct_top1=(top == targets).double().cpu(),
-        sq_err=sq_err.double().cpu(),
+        nll_ref=ln_z_ref - ref_logits.gather(-1, t).squeeze(-1).double().cpu(),
+        nll=ln_z - logits.gather(-1, t).squeeze(-1).double().cpu(),
+        kld=kld,
+        same_top1=(top == top_ref).double(),
+        correct_top1=(top == targets).double(),
+        sq_err=sq.double() / logits.shape[-1],
     )
 
 
