@@ -48,7 +48,8 @@ ROWS = 64  # positions scored at a time: (64, 49152) float32 buffers are 12.6 MB
 def _row_sums(ref: torch.Tensor, logits: torch.Tensor):
     """Per row of (N, V) float32 reference and variant logits: each one's max and argmax (one pass
     each), sum of exp(x - max), the sum of exp(ref - max) * (logits - ref) and the sum of squared
-    differences. Two (N, V) buffers, each written twice; no log-softmax is materialized."""
+    differences. Two (N, V) buffers: the difference, and the exponentials (written twice); no
+    log-softmax is materialized."""
     m_ref, top_ref = ref.max(-1)
     m, top = logits.max(-1)
     d = logits - ref
