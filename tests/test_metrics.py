@@ -2,8 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantbench.eval.metrics import TokenScores, mean_stderr, score_tokens, summarize
 from quantbench.eval.protocols import Protocol
@@ -142,3 +145,48 @@ def test_kl_agrees_with_a_float64_computation():
     s = score_tokens(ref, var, torch.zeros(70, dtype=torch.long))
     assert torch.allclose(s.kld, exact, rtol=1e-4)
     assert torch.allclose(s.nll, -q[:, 0], atol=1e-5) and torch.allclose(s.nll_ref, -p[:, 0], atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 400), st.integers(0, 2**31 - 1), st.sampled_from([3, 1000]))
+def test_max_argmax_is_torch_max_with_the_first_index(n, v, seed, levels):
+    """Few distinct values (levels=3) make ties, whose first occurrence argmax must find; widths
+    below, at and past a multiple of the 128-column blocks cover the short last block."""
+    from quantbench.eval.metrics import _max_argmax
+
+    x = torch.randint(0, levels, (n, v), generator=torch.Generator().manual_seed(seed)).float()
+    m, i = _max_argmax(x)
+    assert torch.equal(m, x.amax(-1))
+    assert torch.equal(i, x.argmax(-1))  # torch documents argmax as the first maximal index
+
+
+def test_max_argmax_propagates_nan_like_torch_max():
+    from quantbench.eval.metrics import _max_argmax
+
+    x = torch.randn(3, 300)
+    x[1, 200] = float("nan")
+    m, i = _max_argmax(x)
+    assert m[1].isnan() and i[1] == 200 and torch.equal(m[[0, 2]], x[[0, 2]].amax(-1))
+
+
+def test_reference_rows_read_in_chunks_score_as_the_whole(tmp_path):
+    from functools import partial
+
+    from quantbench.eval.metrics import score_chunks
+    from quantbench.eval.quality import RefLogits
+
+    g = torch.Generator().manual_seed(0)
+    ref, var = torch.randn(2, 77, 300, generator=g) * 3, torch.randn(77, 300, generator=g)
+    targets = torch.randint(0, 300, (77,), generator=g)
+    ref.numpy().tofile(tmp_path / "ref.bin")
+    stored = RefLogits(tmp_path / "ref.bin", 2, 77, 300)
+    assert torch.equal(stored.rows(1, 5, 9), ref[1, 5:9]) and torch.equal(stored.window(0), ref[0])
+    buffer = np.empty(30 * 300, dtype=np.float32)
+    chunked = score_chunks(partial(stored.rows, 1, out=buffer), var, targets)
+    whole = score_tokens(ref[1], var, targets)
+    for k in TokenScores.__dataclass_fields__:
+        assert torch.equal(getattr(chunked, k), getattr(whole, k)), k
+    with pytest.raises(IndexError, match="holds 2 windows of 77 rows"):
+        stored.rows(2, 0, 1)
+    with pytest.raises(IndexError, match="rows 70:78"):
+        stored.rows(0, 70, 78)

@@ -3,7 +3,8 @@
 The reference's logits at the scored positions are computed once and kept on disk, not in
 memory: the embedded model's vocabulary is 49,152 wide, about 200 KB a token in float32. Each
 variant then runs window by window, and each window's reference logits are read back from the
-file (plain reads, not a memory map, so they do not count in the process's resident set).
+file a few rows at a time, as the scoring goes (plain reads into one small buffer, not a memory
+map, so they do not count in the process's resident set).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from ..variant import Variant
-from .metrics import Quality, TokenScores, score_tokens, summarize
+from .metrics import ROWS, Quality, TokenScores, score_chunks, summarize
 from .protocols import Protocol
 
 Progress = Callable[[int], None]
@@ -34,17 +36,25 @@ class RefLogits:
     scored: int
     vocab: int
 
-    def window(self, i: int, out: np.ndarray | None = None) -> torch.Tensor:
-        """Window i's logits (scored, vocab), read into `out` (a float32 buffer reused from window
-        to window, which spares the page faults of a fresh 100 MB array each time) if given."""
-        count = self.scored * self.vocab
-        a = np.empty(count, dtype=np.float32) if out is None else out
+    def window(self, i: int) -> torch.Tensor:
+        """Window i's logits (scored, vocab)."""
+        return self.rows(i, 0, self.scored)
+
+    def rows(self, i: int, a: int, b: int, out: np.ndarray | None = None) -> torch.Tensor:
+        """Rows a:b of window i, (b - a, vocab), read into `out` (a float32 buffer reused from chunk
+        to chunk) if given. A buffer of a few rows stays in the CPU's cache, where the scoring then
+        finds them: reading a 511-row window in 64-row pieces takes a quarter of the time of
+        reading it whole into a 100 MB array (measured 9 ms against 38 from the page cache)."""
+        if not (0 <= i < self.n_windows and 0 <= a < b <= self.scored):
+            raise IndexError(f"rows {a}:{b} of window {i}: the file holds {self.n_windows} windows of {self.scored} rows")
+        count = (b - a) * self.vocab
+        buf = np.empty(count, dtype=np.float32) if out is None else out[:count]
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(i * count * 4)
-            got = f.readinto(a)
+            f.seek((i * self.scored + a) * self.vocab * 4)
+            got = f.readinto(buf)
         if got != count * 4:
             raise ValueError(f"{self.path} is truncated: window {i} is incomplete; delete it to rebuild")
-        return torch.from_numpy(a).view(self.scored, self.vocab)
+        return torch.from_numpy(buf).view(b - a, self.vocab)
 
 
 def _batches(n: int, size: int):
@@ -114,7 +124,7 @@ def evaluate_quality(
     fed = protocol.prepare(windows)
     targets = protocol.targets(windows)  # (n, scored)
     parts: list[TokenScores] = []
-    buffer = np.empty(ref.scored * ref.vocab, dtype=np.float32)
+    buffer = np.empty((ROWS + 1) * ref.vocab, dtype=np.float32)  # the longest chunk row_chunks makes
     forward = 0.0
     t0 = time.perf_counter()
     for s, e in _batches(n, batch_size):
@@ -128,8 +138,7 @@ def evaluate_quality(
                 "a tokenizer that does not match the model"
             )
         for i in range(s, e):
-            r = ref.window(i, buffer).to(sel.device)
-            parts.append(score_tokens(r, sel[i - s], targets[i].to(sel.device)))
+            parts.append(score_chunks(partial(ref.rows, i, out=buffer), sel[i - s], targets[i].to(sel.device)))
         if progress:
             progress(e - s)
     scores = TokenScores.cat(parts)
