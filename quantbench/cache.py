@@ -46,20 +46,77 @@ def cache_dir() -> Path:
 
 # Modules that only present or gate figures: editing them leaves every cached figure valid.
 PRESENTATION = ("bench_config.py", "cli.py", "gates.py", "plots.py", "pytest_plugin.py", "report.py", "results.py")
+# What a quantized variant is made and stored by: the method registry (which imports the backends)
+# and the code that saves and restores it. Their imports, followed through the package, reach the
+# formats, layers and sources; not the evaluation, which measures a variant but never changes it.
+VARIANT_ROOTS = ("quantbench.methods", "quantbench.persist")
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """quantbench's version and a hash of the source files that make figures (all but the
-    PRESENTATION modules): an edit to any of them makes new keys."""
+@lru_cache(maxsize=None)
+def code_version(*roots: str) -> str:
+    """quantbench's version and a hash of the source files that make figures: with no `roots`,
+    all but the PRESENTATION modules; with roots (module names), those modules and every
+    quantbench module they import, directly or not (see `source_closure`). An edit to any of
+    the hashed files makes new keys."""
     from . import __version__
 
-    root = Path(__file__).parent
+    return f"{__version__}+{tree_hash(Path(__file__).parent, roots)}"
+
+
+def tree_hash(root: Path, roots: tuple[str, ...] = ()) -> str:
+    """The hash `code_version` takes of the package in directory `root`."""
+    if roots:
+        files = source_closure(root, roots)
+    else:
+        files = {q.relative_to(root).as_posix() for q in root.rglob("*.py")} - set(PRESENTATION)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*.py") if q.relative_to(root).as_posix() not in PRESENTATION):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
+    for rel in sorted(files):
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def source_closure(root: Path, modules: tuple[str, ...]) -> set[str]:
+    """The files (relative to the package directory `root`) of `modules` and of every module of
+    the package they import, at any depth and inside functions too, read from the source with
+    `ast` (nothing is imported). Importing a module runs its packages' __init__ files: they count."""
+    import ast
+
+    package = root.name
+
+    def file_of(module: str) -> str | None:
+        parts = module.split(".")[1:]
+        for rel in ("/".join(parts + ["__init__.py"]), "/".join(parts) + ".py"):
+            if rel.lstrip("/") and (root / rel.lstrip("/")).is_file():
+                return rel.lstrip("/")
+        return None
+
+    def with_parents(module: str) -> list[str]:
+        parts = module.split(".")
+        return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+    seen: set[str] = set()
+    todo = [m for module in modules for m in with_parents(module)]
+    while todo:
+        module = todo.pop()
+        rel = file_of(module)
+        if rel is None or rel in seen:
+            continue
+        seen.add(rel)
+        here = module if rel.endswith("__init__.py") else module.rpartition(".")[0]  # the module's package
+        for node in ast.walk(ast.parse((root / rel).read_text(), rel)):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1])
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] == package:
+                    # `from pkg import name`: name may be a submodule or an attribute of pkg
+                    todo += with_parents(target) + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [m for a in node.names if a.name.split(".")[0] == package for m in with_parents(a.name)]
+    return seen
 
 
 def digest(key: dict) -> str:

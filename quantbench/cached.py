@@ -5,7 +5,8 @@ Three kinds of entry, each keyed by everything that made it:
     reference  the reference's logits at the scored positions of the evaluation windows
                (model weights hash, dtype, device, windows hash, protocol, torch, code version)
     variant    a quantized torch variant, saved as its difference from the reference
-               (model weights hash, dtype, device, method spec, calibration set, torch, code)
+               (model weights hash, dtype, device, method spec, calibration set, torch, and
+               the code that makes and stores variants: an edit to the evaluation keeps them)
     row        a variant's measured quality and memory figures, generations included, without
                its latency (the variant key plus the windows, protocol and generation length)
 
@@ -62,7 +63,7 @@ def variant_key(session: Session, spec: MethodSpec) -> dict:
         "torch": ref["torch"],
         "spec": str(spec),
         "calibration": calib,
-        "code": cache.code_version(),
+        "code": cache.code_version(*cache.VARIANT_ROOTS),  # what makes and stores it, not what measures it
     }
 
 
@@ -88,6 +89,7 @@ def row_key(session: Session, spec: MethodSpec) -> dict:
     cfg = session.cfg
     return {
         **variant_key(session, spec),
+        "code": cache.code_version(),  # every module that makes figures
         "windows": session.ref_key["windows"],
         "protocol": session.ref_key["protocol"],
         "generate": cfg.generate_tokens if cfg.generate else 0,

@@ -195,7 +195,10 @@ def cmd_cache(a: argparse.Namespace) -> int:
         return 0
     rows = [[e.kind, e.digest[:12], e.label, f"{e.bytes / 1e6:.1f}", e.created, "ok" if e.ok else "CORRUPT (rebuilt on next use)"]
             for e in cache.entries() if not a.kind or e.kind == a.kind]
-    print(f"cache: {cache.cache_dir()} (QUANTBENCH_CACHE_DIR); code version {cache.code_version()}")
+    print(
+        f"cache: {cache.cache_dir()} (QUANTBENCH_CACHE_DIR); code version {cache.code_version()}, "
+        f"of variants {cache.code_version(*cache.VARIANT_ROOTS)}"
+    )
     print(tabulate(rows, headers=["kind", "key", "what", "MB", "created", "status"]) if rows else "empty")
     return 0
 

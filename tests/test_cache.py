@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from quantbench import cache
+from quantbench import cache, cached
 from quantbench.cli import main
 from quantbench.methods import parse_method
 from quantbench.persist import load_variant, save_variant, saveable
@@ -139,3 +140,51 @@ def test_cache_cli_lists_and_clears(capsys):
     assert main(["cache", "clear", "--kind", "row"]) == 0
     assert cache.get_json("row", {"cli": 1}) is None
     assert "MB freed" in capsys.readouterr().out
+
+
+def test_variant_keys_hash_what_makes_variants_not_what_measures_them(tmp_path):
+    """An edit to the evaluation changes the rows' code version and keeps the variants' (GPTQ,
+    AWQ and mixed are not rebuilt for a change in scoring); an edit to a format changes both."""
+    src = Path(cache.__file__).parent
+    closure = cache.source_closure(src, cache.VARIANT_ROOTS)
+    assert {"methods/gptq.py", "formats/integer.py", "formats/kquants.py", "backends/bnb.py", "sources/text.py",
+            "layers.py", "persist.py", "spec.py", "__init__.py"} <= closure
+    assert not closure & {"eval/metrics.py", "eval/quality.py", "run.py", "cli.py", "report.py", "cached.py"}
+
+    tree = tmp_path / "quantbench"
+    shutil.copytree(src, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    before = cache.tree_hash(tree), cache.tree_hash(tree, cache.VARIANT_ROOTS)
+    with open(tree / "eval" / "metrics.py", "a") as f:
+        f.write("# an edit to the scoring\n")
+    after_eval = cache.tree_hash(tree), cache.tree_hash(tree, cache.VARIANT_ROOTS)
+    assert after_eval[0] != before[0] and after_eval[1] == before[1]
+    with open(tree / "formats" / "integer.py", "a") as f:
+        f.write("# an edit to a format\n")
+    after_format = cache.tree_hash(tree), cache.tree_hash(tree, cache.VARIANT_ROOTS)
+    assert after_format[0] != after_eval[0] and after_format[1] != after_eval[1]
+
+
+def test_source_closure_follows_relative_imports_inside_functions(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import a\n")
+    (pkg / "sub" / "a.py").write_text("def f():\n    from ..b import g\n    import pkg.c\n")
+    (pkg / "b.py").write_text("")
+    (pkg / "c.py").write_text("from .sub import a\n")
+    (pkg / "d.py").write_text("import os\n")  # imported by no one
+    assert cache.source_closure(pkg, ("pkg.sub",)) == {"__init__.py", "sub/__init__.py", "sub/a.py", "b.py", "c.py"}
+
+
+def test_an_evaluation_edit_keeps_the_cached_variant_and_remeasures_the_row(tiny_model_dirs, monkeypatch):
+    session = Session(RunConfig(model=tiny_model_dirs["llama"], tokens=128, context=32, calib_samples=0))
+    spec = parse_method("int:bits=4,group=16,sym=false")
+    versions = {(): "full-1", cache.VARIANT_ROOTS: "variant-1"}
+    monkeypatch.setattr(cache, "code_version", lambda *roots: versions[roots])
+    first_row = cached.row_key(session, spec)
+    assert cached.variant(session, spec)[2] is False  # built and stored
+    versions[()] = "full-2"  # the scoring changed
+    assert cached.variant(session, spec)[2] is True
+    assert cached.row_key(session, spec) != first_row
+    versions[cache.VARIANT_ROOTS] = "variant-2"  # a format changed
+    assert cached.variant(session, spec)[2] is False
