@@ -7,6 +7,7 @@ through this one protocol; the evaluation never asks how a variant was made.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,12 +98,15 @@ class TorchVariant:
         """Prefill the (1, T) prompt with the KV cache and return a step: each call picks the
         greedy next token and runs it through the model as a single-token cached forward."""
         state = self.model(input_ids=ids.to(self.device), use_cache=True)
+        # transformers 5.24 renamed the KV cache's argument and output field past_key_values ->
+        # cache (the old argument warns, and goes in 5.40); older versions know only the old name.
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
         @torch.inference_mode()
         def step() -> None:
             nonlocal state
             token = state.logits[:, -1:].argmax(-1)
-            state = self.model(input_ids=token, past_key_values=state.past_key_values, use_cache=True)
+            state = self.model(input_ids=token, use_cache=True, **{name: getattr(state, name)})
 
         return step
 

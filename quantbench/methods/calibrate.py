@@ -125,7 +125,8 @@ def first_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor) ->
         raise SpecError(f"{type(model).__name__} never called its first decoder block")
     kwargs = caught["kwargs"]
     kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
+    for name in ("past_key_values", "cache"):  # the KV cache's argument before and since transformers 5.24
+        kwargs.pop(name, None)
     return BlockInputs(caught["hidden"], caught["args"], kwargs)
 
 
