@@ -212,6 +212,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The `gpu` marker itself skips a test where CUDA is absent, whatever fixtures it uses."""
+    if item.get_closest_marker("gpu") is not None and not _cuda():
+        pytest.skip("marked gpu: needs CUDA, which is not available here")
+
+
 def _state(config: pytest.Config) -> QBState:
     return config.stash[STATE]
 

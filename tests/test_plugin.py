@@ -249,3 +249,25 @@ def test_method_families_pick_the_default_thresholds(spec, family):
     assert fam == family and th == gates.DEFAULTS[family]
     over = gates.thresholds_for(parse_method(spec), {family: {"kld_mean": 9.0}, str(parse_method(spec)): {"top1": 0.5}})[1]
     assert (over.kld_mean, over.top1, over.ppl_ratio) == (9.0, 0.5, gates.DEFAULTS[family].ppl_ratio)
+
+
+def test_the_gpu_marker_skips_without_cuda_whatever_the_fixtures(pytester, monkeypatch):
+    """Any test marked gpu (not only a cuda device parameter) skips cleanly on a CPU machine."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.gpu
+        def test_needs_cuda():
+            raise AssertionError("ran without CUDA")
+
+        def test_cpu():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*marked gpu: needs CUDA*"])
