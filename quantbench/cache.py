@@ -86,10 +86,8 @@ def source_closure(root: Path, modules: tuple[str, ...]) -> set[str]:
 
     def file_of(module: str) -> str | None:
         parts = module.split(".")[1:]
-        for rel in ("/".join(parts + ["__init__.py"]), "/".join(parts) + ".py"):
-            if rel.lstrip("/") and (root / rel.lstrip("/")).is_file():
-                return rel.lstrip("/")
-        return None
+        candidates = [Path(*parts, "__init__.py")] + ([Path(*parts[:-1], parts[-1] + ".py")] if parts else [])
+        return next((c.as_posix() for c in candidates if (root / c).is_file()), None)
 
     def with_parents(module: str) -> list[str]:
         parts = module.split(".")
@@ -107,7 +105,8 @@ def source_closure(root: Path, modules: tuple[str, ...]) -> set[str]:
         for node in ast.walk(ast.parse((root / rel).read_text(), rel)):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1])
+                    parts = here.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1])
                     target = f"{base}.{node.module}" if node.module else base
                 else:
                     target = node.module or ""
