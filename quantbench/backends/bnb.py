@@ -80,9 +80,9 @@ class BnbVariant(TorchVariant):
         return weight_bytes(self.model) + bnb_state_bytes(self.model)
 
     @torch.inference_mode()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         with _quiet_int8_cast():
-            return super().logits(ids)
+            return super().logits(ids, out)
 
     def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
         with _quiet_int8_cast():

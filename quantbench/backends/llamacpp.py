@@ -188,11 +188,17 @@ class LlamaCppVariant:
         return last
 
     # -- the Variant protocol ----------------------------------------------------------------
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, V) float32, each row decoded alone from an empty KV cache."""
         B, T = ids.shape
         self._ensure_context(T)
-        out = torch.empty((B, T, self.n_vocab), dtype=torch.float32)
+        if out is None:
+            out = torch.empty((B, T, self.n_vocab), dtype=torch.float32)
+        elif out.shape != (B, T, self.n_vocab) or out.dtype != torch.float32 or out.device.type != "cpu":
+            raise ValueError(
+                f"out is {tuple(out.shape)} {out.dtype} on {out.device}; llama.cpp's logits need "
+                f"({B}, {T}, {self.n_vocab}) torch.float32 on the CPU"
+            )
         rows = ids.to(torch.int32).cpu().numpy()
         for b in range(B):
             self._prefill(rows[b], out[b])
