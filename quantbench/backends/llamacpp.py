@@ -30,6 +30,7 @@ libllama's log is kept (not printed) and its error lines are quoted when loading
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import shutil
@@ -220,17 +221,33 @@ class LlamaCppVariant:
     def own_speed(self, window: torch.Tensor, prompt: torch.Tensor, n: int) -> dict[str, float | str]:
         """Prefill tokens/s over a (1, C) window and decode tokens/s over n greedy tokens, as
         llama.cpp's own performance counters measure them (compute time only)."""
-        L = self._L
         self.logits(window)  # warm-up at the window's context size
-        L.llama_perf_context_reset(self._ctx)
-        self.logits(window)
+        with self.counters() as prefill:
+            self.logits(window)
+        with self.counters() as decode:
+            self.generate(prompt, n + 1)
+        return {"prefill_tokens_per_s": prefill["prefill_tokens_per_s"],
+                "decode_tokens_per_s": decode["decode_tokens_per_s"], "source": "llama.cpp"}
+
+    @contextlib.contextmanager
+    def counters(self):
+        """llama.cpp's own performance counters over the block, in a dict filled on exit:
+        prefill_tokens_per_s (batches of more than one token) and decode_tokens_per_s (single
+        tokens), NaN where none ran. They time llama_decode up to its results; copying the logits
+        out is ours and not counted."""
+        L = self._L
+        if self._ctx is not None:  # a context made inside the block starts its counters at zero
+            L.llama_perf_context_reset(self._ctx)
+        got = {"prefill_tokens_per_s": float("nan"), "decode_tokens_per_s": float("nan")}
+        yield got
+        if self._ctx is None:
+            return
         p = L.llama_perf_context(self._ctx)
-        prefill = p.n_p_eval / (p.t_p_eval_ms / 1e3)
-        L.llama_perf_context_reset(self._ctx)
-        self.generate(prompt, n + 1)
-        p = L.llama_perf_context(self._ctx)
-        decode = p.n_eval / (p.t_eval_ms / 1e3) if p.n_eval else float("nan")
-        return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "source": "llama.cpp"}
+        # llama.cpp reports n_eval as at least 1 even when nothing ran: the times say what ran
+        if p.t_p_eval_ms > 0:
+            got["prefill_tokens_per_s"] = p.n_p_eval / (p.t_p_eval_ms / 1e3)
+        if p.t_eval_ms > 0:
+            got["decode_tokens_per_s"] = p.n_eval / (p.t_eval_ms / 1e3)
 
     def weight_bytes(self) -> int:
         return self.info.tensor_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 import tempfile
@@ -153,6 +154,34 @@ def test_vocabulary_that_does_not_match_the_model(tiny_f32_gguf):
     with pytest.raises(GGUFFileError, match="vocabulary has 512 tokens but the model expects 600"):
         LlamaCppVariant(tiny_f32_gguf["llama"], "x", expected_vocab=600)
 
+
+
+@needs_llama_cpp
+def test_counters_out_buffer_and_own_speed(tiny_f32_gguf):
+    """llama.cpp's counters see what ran inside the block (prefill batches, single-token steps)
+    and nothing else; logits written into `out` are the logits returned fresh."""
+    from quantbench.backends.llamacpp import LlamaCppVariant
+
+    v = LlamaCppVariant(tiny_f32_gguf["llama"], "x")
+    try:
+        ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+        with v.counters() as idle:  # before any context exists: nothing to count, and no crash
+            pass
+        assert math.isnan(idle["prefill_tokens_per_s"]) and math.isnan(idle["decode_tokens_per_s"])
+        with v.counters() as c:
+            fresh = v.logits(ids)
+        assert c["prefill_tokens_per_s"] > 0 and math.isnan(c["decode_tokens_per_s"])
+        with v.counters() as idle:  # a context that exists, and nothing run in the block
+            pass
+        assert math.isnan(idle["prefill_tokens_per_s"]) and math.isnan(idle["decode_tokens_per_s"])
+        out = torch.full((2, 40, 512), float("nan"))
+        assert v.logits(ids, out=out) is out and torch.equal(out, fresh)
+        with pytest.raises(ValueError, match=r"need \(2, 40, 512\) torch.float32"):
+            v.logits(ids, out=torch.empty(2, 40, 511))
+        own = v.own_speed(ids[:1], ids[:1, :8], 4)
+        assert own["prefill_tokens_per_s"] > 0 and own["decode_tokens_per_s"] > 0 and own["source"] == "llama.cpp"
+    finally:
+        v.close()
 
 def _write_imatrix_files(tmp_path, values: dict[str, np.ndarray], counts: int):
     """The same importance matrix as llama-imatrix's GGUF file and as its legacy .dat file."""
