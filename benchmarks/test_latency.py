@@ -6,7 +6,7 @@ Under pytest-xdist pytest-benchmark disables itself (timings from parallel worke
 reliable); the tests then run each call once, untimed, and record no latency.
 """
 
-from quantbench.pytest_plugin import round_seconds
+from quantbench.pytest_plugin import mean_seconds
 
 
 PROMPT_TOKENS = 16
@@ -16,7 +16,7 @@ def test_prefill(benchmark, qb_variant, qb_reference, qb_settings, qb_record):
     window = qb_reference.windows[:1]  # (1, C)
     benchmark.group = "prefill"
     benchmark.pedantic(qb_variant.logits, args=(window,), rounds=qb_settings.latency_rounds, warmup_rounds=1)
-    t = round_seconds(benchmark)
+    t = mean_seconds(benchmark)
     qb_record(benchmark, **({"prefill_tokens_per_s": window.numel() / t} if t else {}))
 
 
@@ -28,5 +28,5 @@ def test_decode(benchmark, qb_variant, qb_reference, qb_settings, qb_record):
     n = qb_settings.run.decode_tokens
     benchmark.group = "decode"
     benchmark.pedantic(qb_variant.generate, args=(prompt, n), rounds=qb_settings.latency_rounds, warmup_rounds=1)
-    t = round_seconds(benchmark)
+    t = mean_seconds(benchmark)
     qb_record(benchmark, **({"decode_tokens_per_s": n / t} if t else {}))

@@ -421,12 +421,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 
 # -- helpers for benchmark files ---------------------------------------------------------------
-def round_seconds(benchmark, stat: str = "mean") -> float | None:
-    """A pytest-benchmark's time per round, its `stat` ("mean", "median", "min"...) over the
-    rounds; None when pytest-benchmark is disabled (under xdist, or with --benchmark-disable),
-    where it makes one untimed call."""
+def mean_seconds(benchmark) -> float | None:
+    """A pytest-benchmark's mean time per round; None when pytest-benchmark is disabled (under
+    xdist, or with --benchmark-disable), where it makes one untimed call."""
     stats = getattr(benchmark, "stats", None)
-    return None if stats is None else getattr(stats.stats, stat)
+    return None if stats is None else stats.stats.mean
 
 
 def fail_with(messages: list[str]) -> None:
