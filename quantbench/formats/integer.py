@@ -142,14 +142,18 @@ def choose_qparams(w: torch.Tensor, cfg: IntConfig, ratio: float | torch.Tensor 
     return QParams(scale, zero)
 
 
-def quantize_codes(w: torch.Tensor, qp: QParams, cfg: IntConfig) -> torch.Tensor:
-    """Codes (as float32 integers) of `w` on the grid of `qp`, which broadcasts against `w`."""
+def quantize_codes(w: torch.Tensor, qp: QParams, cfg: IntConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (as float32 integers) of `w` on the grid of `qp`, which broadcasts against `w`; written
+    into `out` when given (it must have the broadcast shape)."""
     lowest = 1 if cfg.sym else 0
-    return torch.clamp(torch.round(w / qp.scale) + qp.zero, lowest, 2**cfg.bits - 1)
+    return torch.div(w, qp.scale, out=out).round_().add_(qp.zero).clamp_(lowest, 2**cfg.bits - 1)
 
 
-def dequantize_codes(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
-    return (codes - qp.zero) * qp.scale
+def dequantize_codes(codes: torch.Tensor, qp: QParams, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes - zero) * scale; written into `out` when given (it must have the broadcast shape)."""
+    if out is None:
+        return (codes - qp.zero) * qp.scale
+    return torch.sub(codes, qp.zero, out=out).mul_(qp.scale)
 
 
 def _search_ratio(wg: torch.Tensor, cfg: IntConfig, grid: int = 20, lowest: float = 0.5) -> torch.Tensor:

@@ -11,7 +11,14 @@ from quantbench.formats import quantize_tensor
 from quantbench.formats.integer import IntConfig
 from quantbench.layers import QLinear
 from quantbench.methods import parse_method
-from quantbench.methods.gptq import GPTQOptions, gptq_quantize, gptq_quantize_shared
+from quantbench.methods.gptq import (
+    GPTQOptions,
+    gptq_quantize,
+    gptq_quantize_shared,
+    inverse_cholesky,
+    lapack_lower_inverse,
+    torch_lower_inverse,
+)
 from quantbench.spec import SpecError
 
 from .conftest import make_calib, mean_kl
@@ -107,6 +114,34 @@ def test_weights_sharing_an_input_quantize_together_as_alone(cfg):
     assert all(a.equal(gptq_quantize(w, H, cfg, opts)) for a, w in zip(together, ws))
     ptrs = [t.data_ptr() for q in together for t in q.tensors().values()]
     assert len(set(ptrs)) == len(ptrs)  # nothing shared: each layer's bytes are its own
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 200), seed=st.integers(0, 2**16), damp=st.sampled_from([0.01, 0.1, 1.0]))
+def test_inverse_cholesky_is_the_references_factor(n, seed, damp):
+    """One reversed factorization and a triangular inverse give the factor the reference gets from
+    cholesky, cholesky_inverse and cholesky again (computed here in float64)."""
+    X = correlated_inputs(seed, 2 * n + 8, n, rank=max(1, n // 4))
+    H = X.T @ X / len(X)
+    U = inverse_cholesky(H, damp)
+    Hd = H.double()
+    Hd.diagonal().add_(damp * Hd.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu())
+    # float32 against float64: the error grows with the conditioning, which damp bounds
+    assert (U.double() - ref).abs().max() <= 1e-3 * ref.abs().max() / damp**0.5
+
+
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_lapack_and_torch_triangular_inverses_agree(n):
+    X = correlated_inputs(n, 3 * n, n)
+    A = X.T @ X / len(X) + torch.eye(n)
+    exact = torch.linalg.inv(torch.linalg.cholesky(A.double()))
+    bound = 1e-7 * torch.linalg.cond(A.double()).item() * exact.abs().max().item()  # float32 rounding
+    for Linv in (lapack_lower_inverse(A.clone()), torch_lower_inverse(A)):
+        assert Linv.dtype == torch.float32 and torch.equal(Linv, Linv.tril())
+        assert (Linv.double() - exact).abs().max() <= bound
+    assert lapack_lower_inverse(-A.clone()) is None and torch_lower_inverse(-A) is None
 
 
 def test_dead_inputs_get_zero_weight():
