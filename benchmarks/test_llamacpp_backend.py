@@ -5,12 +5,16 @@
   same llama.cpp settings (threads, n_batch = n_ubatch = the variant's chunk) on the same Q4_K_M
   file and the same windows; and the prefill speed the harness reports (llama.cpp's own
   counters) is within 10% of that direct figure. The harness adds nothing worth naming. Rounds
-  alternate direct / harness so both see the same machine load, and the counters are read over
-  the harness's run of the same windows; each round's counters are compared with that round's
-  direct figure, and the median of those ratios is asserted. Counters read over one window at
-  another moment of the round measured 0.79x once and 1.14-1.17x in two runs of a later day, on
-  a host whose speed moved 20% from one window to the next; over the same run they agreed with
-  its wall clock within 1%. What `own_speed` reports (one window, and decode) is recorded.
+  alternate direct / harness so both see the same machine load, and the speed bar is on the
+  median of the per-round ratios. The ratio of the two medians, which may come from different
+  rounds, read 0.88x in one full run where llama.cpp's counters over the harness's rounds (227,
+  198 and 165 tok/s: the host slowed from round to round) agreed with the direct figures of the
+  same rounds (median ratio 0.994). The counters are read over the harness's run of the same
+  windows; each round's counters are compared with that round's direct figure, and the median of
+  those ratios is asserted. Counters read over one window at another moment of the round measured
+  0.79x once and 1.14-1.17x in two runs of a later day, on a host whose speed moved 20% from one
+  window to the next; over the same run they agreed with its wall clock within 1%. What
+  `own_speed` reports (one window, and decode) is recorded.
   llama-cpp-python with a whole window as one batch (n_batch = 512) is measured alongside and
   recorded, not asserted: on an idle machine it runs at the chunked speed, on an oversubscribed
   one (llama.cpp's threads spin at every graph barrier) fewer chunks are faster.
@@ -105,6 +109,7 @@ def test_harness_speed_matches_llama_cpp_python(benchmark, q4km):
                     counted.append(c["prefill_tokens_per_s"])
             own.append(ours.own_speed(wins[:1], wins[:1, :16], 16))
         direct_tps, ours_tps, whole_tps = (statistics.median(tps[k]) for k in runs)
+        ratios = [h / d for h, d in zip(tps["harness"], tps["direct"])]  # round by round, side by side
         reported = {k: statistics.median(c[k] for c in own) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
         reported_ratio = statistics.median(c / d for c, d in zip(counted, tps["direct"]))
         benchmark.group = "llamacpp-prefill"
@@ -113,13 +118,18 @@ def test_harness_speed_matches_llama_cpp_python(benchmark, q4km):
         direct.close()
         whole.close()
         ours.close()
-    ratio = ours_tps / direct_tps
+    ratio = statistics.median(ratios)
     benchmark.extra_info.update(direct_tokens_per_s=direct_tps, harness_tokens_per_s=ours_tps, ratio=ratio,
+                                ratios=ratios, rounds_tokens_per_s=tps,
                                 whole_window_direct_tokens_per_s=whole_tps, counted_prefill_tokens_per_s=counted,
                                 reported_prefill_tokens_per_s=reported["prefill_tokens_per_s"],
                                 reported_decode_tokens_per_s=reported["decode_tokens_per_s"],
                                 reported_ratio=reported_ratio, threads=cores(), ubatch=ours.ubatch)
-    assert ratio >= 0.9, f"harness {ours_tps:.0f} tok/s vs llama-cpp-python direct {direct_tps:.0f} tok/s ({ratio:.2f}x)"
+    detail = ", ".join(f"{h:.0f}/{d:.0f}" for h, d in zip(tps["harness"], tps["direct"]))
+    assert ratio >= 0.9, (
+        f"harness vs llama-cpp-python direct: a median {ratio:.2f}x over {ROUNDS} rounds (tok/s per round, "
+        f"harness/direct: {detail})"
+    )
     assert abs(reported_ratio - 1) <= 0.1, (
         f"llama.cpp's counters over the harness's windows report {statistics.median(counted):.0f} tok/s, "
         f"llama-cpp-python direct {direct_tps:.0f} tok/s in the same rounds (median ratio {reported_ratio:.2f}x)"
