@@ -90,7 +90,8 @@ def torch_lower_inverse(A: torch.Tensor) -> torch.Tensor | None:
 def one_thread(device: torch.device) -> Iterator[None]:
     """Run GPTQ's column loop on one CPU thread. Each of its ops touches one row of a few thousand
     floats, and splitting that across threads costs more in synchronisation than the op itself:
-    on two busy cores the loop ran 10x slower, and LAPACK's inverse 16x."""
+    on two busy cores the loop ran 10x slower, and torch's LAPACK inverse 16x (the factor now
+    comes from scipy's LAPACK, whose OpenBLAS threads this does not set: one call per Hessian)."""
     if device.type != "cpu":
         yield
         return
