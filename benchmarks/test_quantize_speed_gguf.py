@@ -12,19 +12,15 @@ the ratio is of the two best rounds. Run: python -m pytest benchmarks/test_quant
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import ggml_ref  # noqa: E402
-
-from quantbench import quantize_tensor  # noqa: E402
+import ggml_ref  # tests/ggml_ref.py, importable through the repository's conftest.py
+from quantbench import quantize_tensor
 
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
