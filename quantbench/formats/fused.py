@@ -10,7 +10,8 @@ gguf:Q4_K on a 256x4096 matrix 423 ms eager, 60 ms compiled; Q3_K 92 -> 30 ms).
 Exactness: the functions given to `fused` are written so that compiling them cannot change a bit.
   * Every float op is elementwise, in the order written. Sums are explicit chains of adds over
     rows (`seq_sum`), never reductions, which inductor would vectorise in another order; the only
-    reductions are max/min and integer sums, whose result does not depend on order.
+    reductions are max/min, integer sums and float sums that are exact (the Q5 types' `qh` halves:
+    distinct powers of two below 2**16), whose result does not depend on order.
   * Inductor builds its C++ with -ffp-contract=off and without -funsafe-math-optimizations (pinned
     in `_OPTIONS`), so
     no product is fused into an add and nothing is reassociated; divisions stay divisions
