@@ -23,16 +23,18 @@ one, on ties), so that value maps exactly to the lowest code: d = max / -8 (Q4_0
 Rounding: Q8_0 rounds halves away from zero (C `roundf`); Q4_x/Q5_x add 0.5 (8.5, 16.5 with the
 offset) and truncate, which is the same for the non-negative values they round.
 
-Two paths per type. The fast one is two fused kernels (see `fused`): `head` reduces each block
-to its extremes and scale, `codes` writes the codes. `head` flags the blocks where ggml's scan
-order or the sign of a zero decides a byte (a tie between +a and -a for the largest magnitude,
-a zero extreme, a scale too small to invert), and `exact` redoes just those, step by step as
-ggml does. It also flags blocks holding a NaN or Inf or whose fp16 scale overflows, so that the
-weight needs no separate pass to be checked (`GGUFFormat.quantize` then says what is wrong).
+Two paths per type. The fast one is two fused kernels (see `fused`): `blocks` finds each
+block's extremes and writes its codes, `fields` computes its fp16 scale (and minimum). `fields`
+flags the blocks where ggml's scan order or the sign of a zero decides a byte (a tie between +a
+and -a for the largest magnitude, a zero extreme, a scale too small to invert), and `exact`
+redoes just those, step by step as ggml does. It also flags blocks holding a NaN or Inf or whose
+fp16 scale overflows, so that the weight needs no separate pass to be checked
+(`GGUFFormat.quantize` then says what is wrong).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -109,7 +111,7 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
 
 
 def _fifth_halves(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) int32 5-bit codes -> (n, 2) int16: `qh` (bit j = bit 4 of q[j]) as two little-endian
+    """(n, 32) float32 5-bit codes -> (n, 2) int16: `qh` (bit j = bit 4 of q[j]) as two little-endian
     halves, each a sum over the same 16 columns pairs (j, j + 16) that `_nibble_bytes` reads, so
     that a kernel computes both in one loop.
 
@@ -117,136 +119,156 @@ def _fifth_halves(q: torch.Tensor) -> torch.Tensor:
     order, and inductor reduces float32 lanes with shuffles where it reduces int32 lanes through
     memory (the Q5 code kernels ran 1.5x faster: 21.3 -> 14.1 ms for Q5_1 on a 4096 x 4096 matrix)."""
     p = torch.exp2(torch.arange(16, device=q.device, dtype=torch.float32))  # bit j's value
-    lo = ((q[:, :16] >> 4).to(torch.float32) * p).sum(dim=-1)  # codes < 32: q >> 4 is bit 4
-    hi = ((q[:, 16:] >> 4).to(torch.float32) * p).sum(dim=-1)
+    lo = ((q[:, :16] >= 16).to(torch.float32) * p).sum(dim=-1)  # codes < 32: bit 4 is q >= 16
+    hi = ((q[:, 16:] >= 16).to(torch.float32) * p).sum(dim=-1)
     return torch.stack([lo, hi], dim=-1).to(torch.int32).to(torch.int16)  # < 2**16: wraps to the same bits
 
 
 def _nibble_bytes(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) int32 codes -> (n, 16) uint8: low nibbles of q[j] and q[j + 16], as `_nibbles`."""
-    return ((q[:, :16] & 0xF) | (q[:, 16:] & 0xF) << 4).to(torch.uint8)
+    """(n, 32) float32 codes < 16 -> (n, 16) uint8: q[j] in the low nibble, q[j + 16] in the high
+    one, as `_nibbles`. The byte is formed in float32 (exact: integers below 256) and converted
+    once; inductor's int32 -> uint8 conversion of a vector is slow (Q4_1's kernel: 7.4 -> 5.5 ms)."""
+    return (q[:, :16] + q[:, 16:] * 16).to(torch.uint8)
 
 
-# -- the fast path: a block pass and a code pass ---------------------------------------------
-# Two fused kernels per type rather than one. The first reduces each block to its extremes and
-# computes the per-block values (scale, inverse, fp16 bits, flags), vectorised across blocks; the
-# second writes the codes. Inductor's single-kernel version did the per-block scalar work inside
-# its loop over blocks, where divisions and fp16 conversions wait on each other: 1.3x slower for
-# Q4_1 on 2 cores, even though the split reads the weights twice.
+def _low4(q: torch.Tensor) -> torch.Tensor:
+    """The low four bits of float32 5-bit codes (n, 32)."""
+    return q - (q >= 16).to(torch.float32) * 16
+
+
+# -- the fast path: a block pass and a field pass --------------------------------------------
+# Two fused kernels per type. `*_blocks` makes the one pass over the weights: it reduces each block
+# to its extremes, computes the scale and writes the codes, while the block is in cache. `*_fields`
+# then computes the stored per-block values (the fp16 fields, the flags) from the extremes,
+# vectorised across blocks. Inductor vectorises a loop over blocks well for float math and poorly
+# for fp16 conversions, `isinf`/`isfinite` and bool or uint8 outputs: with those inside the block
+# pass, Q4_1 on a 4096 x 4096 matrix took 7.3 ms for the extremes and fields and 7.4 ms for the
+# codes, against 8.3 ms for the block pass and 0.4 ms for the fields as here (2 cores). The codes
+# are computed in float32, C's truncating cast of a non-negative value being `trunc`.
 
 REDO, SUSPECT = 1, 2  # flag bits: redo the block exactly; a NaN/Inf weight or an fp16 scale overflow
+_INF = float("inf")
 
 
-def _flags(redo: torch.Tensor, suspect: torch.Tensor) -> torch.Tensor:
-    return redo.to(torch.uint8) | suspect.to(torch.uint8) << 1
+def _flags(redo: torch.Tensor, suspect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flags (n,) int32 and their maximum, which says whether any block is flagged."""
+    flags = redo.to(torch.int32) | suspect.to(torch.int32) << 1
+    return flags, flags.amax()
 
 
-@fused
-def _q8_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    amax = x.abs().amax(dim=-1)  # from |x|: max(hi, -lo) could give -0.0 for a block of -0.0
+def _is_inf(v: torch.Tensor) -> torch.Tensor:
+    return v.abs() == _INF
+
+
+def _not_finite(v: torch.Tensor) -> torch.Tensor:
+    return ~(v.abs() < _INF)  # NaN compares false
+
+
+def _q8_0_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = fdiv(amax, 127)
-    inv = torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
-    h = f16_bits(d)
-    suspect = ~torch.isfinite(amax) | torch.isinf(h.view(torch.float16))
-    return h[:, None], _flags(torch.isinf(inv), suspect), inv
+    return d, torch.where(d == 0, torch.zeros_like(d), fdiv(1.0, d))
 
 
 @fused
-def _q8_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
-    out[:, 2:] = (roundf(x * inv[:, None]).to(torch.int32) & 0xFF).to(torch.uint8)  # two's complement int8
+def _q8_0_blocks(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    amax = x.abs().amax(dim=-1)  # from |x|: max(hi, -lo) could give -0.0 for a block of -0.0
+    inv = _q8_0_scale(amax)[1]
+    out[:, 2:] = roundf(x * inv[:, None]).to(torch.int8)  # integral values in [-127, 127]; `out` is int8
+    return amax, None
 
 
-def _symmetric_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """Q4_0/Q5_0: the fp16 bits of d (n, 1), the flags and 1/d, for blocks whose largest
-    magnitude is one nonzero value (the others are flagged for redoing)."""
-    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
+@fused
+def _q8_0_fields(amax: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d, inv = _q8_0_scale(amax)
+    d16 = d.to(torch.float16)
+    return d16, *_flags(_is_inf(inv), _not_finite(amax) | _is_inf(d16))
+
+
+def _symmetric_scale(hi: torch.Tensor, lo: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Q4_0/Q5_0: the signed value of largest magnitude (the maximum on a tie, which the fields
+    flag), d and 1/d."""
     mx = torch.where(hi >= -lo, hi, lo)
     d = fdiv(mx, -(2 ** (bits - 1)))
-    inv = fdiv(1.0, d)
-    h = f16_bits(d)
-    redo = (hi == -lo) | (mx == 0) | torch.isinf(inv)
-    suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16))
-    return h[:, None], _flags(redo, suspect), inv
+    return mx, d, fdiv(1.0, d)
 
 
-def _symmetric_codes(x: torch.Tensor, inv: torch.Tensor, bits: int) -> torch.Tensor:
-    """C's `MIN(top, (int8_t)(x * id + half + 0.5f))` as int32 codes (n, 32)."""
-    return (x * inv[:, None] + (2 ** (bits - 1) + 0.5)).to(torch.int32).clamp(max=2**bits - 1)
-
-
-def _affine_head(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """Q4_1/Q5_1: the fp16 bits of d and m (n, 2), the flags, the minimum and 1/d, for blocks
-    with nonzero extremes and a spread (the others are flagged for redoing)."""
+def _symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """C's `MIN(top, (int8_t)(x * id + half + 0.5f))` as float32 codes (n, 32) (the value is
+    >= 0), and the block's extremes."""
     hi, lo = x.amax(dim=-1), x.amin(dim=-1)
+    inv = _symmetric_scale(hi, lo, bits)[2]
+    return (x * inv[:, None] + (2 ** (bits - 1) + 0.5)).trunc().clamp(max=2**bits - 1), hi, lo
+
+
+def _symmetric_fields(hi: torch.Tensor, lo: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Q4_0/Q5_0: d as fp16 and the flags, for blocks whose largest magnitude is one nonzero
+    value (the others are flagged for redoing)."""
+    mx, d, inv = _symmetric_scale(hi, lo, bits)
+    d16 = d.to(torch.float16)
+    redo = (hi == -lo) | (mx == 0) | _is_inf(inv)
+    return d16, *_flags(redo, _not_finite(hi - lo) | _is_inf(d16))
+
+
+def _affine_scale(hi: torch.Tensor, lo: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = fdiv(hi - lo, 2**bits - 1)
-    inv = fdiv(1.0, d)
-    h = torch.stack([f16_bits(d), f16_bits(lo)], dim=-1)
-    redo = (lo == 0) | (hi == 0) | (d == 0) | torch.isinf(inv)
-    suspect = ~torch.isfinite(hi - lo) | torch.isinf(h.view(torch.float16)).any(dim=-1)
-    return h, _flags(redo, suspect), lo, inv
+    return d, fdiv(1.0, d)
 
 
-def _affine_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, bits: int) -> torch.Tensor:
-    """C's `MIN(top, (int8_t)((x - min) * id + 0.5f))` as int32 codes (n, 32)."""
-    return ((x - lo[:, None]) * inv[:, None] + 0.5).to(torch.int32).clamp(max=2**bits - 1)
+def _affine_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """C's `MIN(top, (int8_t)((x - min) * id + 0.5f))` as float32 codes (n, 32) (the value is
+    >= 0), and the block's extremes."""
+    hi, lo = x.amax(dim=-1), x.amin(dim=-1)
+    inv = _affine_scale(hi, lo, bits)[1]
+    return ((x - lo[:, None]) * inv[:, None] + 0.5).trunc().clamp(max=2**bits - 1), hi, lo
 
 
-@fused
-def _q4_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return _symmetric_head(x, 4)
+def _affine_fields(hi: torch.Tensor, lo: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Q4_1/Q5_1: d and m as fp16 and the flags, for blocks with nonzero extremes and a spread
+    (the others are flagged for redoing)."""
+    d, inv = _affine_scale(hi, lo, bits)
+    d16, m16 = d.to(torch.float16), lo.to(torch.float16)
+    redo = (lo == 0) | (hi == 0) | (d == 0) | _is_inf(inv)
+    return d16, m16, *_flags(redo, _not_finite(hi - lo) | _is_inf(d16) | _is_inf(m16))
 
 
-@fused
-def _q4_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
-    out[:, 2:] = _nibble_bytes(_symmetric_codes(x, inv, 4))
+def _nibble_kernels(codes: Callable, fields: Callable, bits: int, start: int) -> tuple[Callable, Callable]:
+    """The block and field kernels of a 4- or 5-bit type: `codes` and `fields` are the symmetric
+    or the affine ones, the nibbles start at byte `start` of a block."""
+
+    def blocks(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, hi, lo = codes(x, bits)
+        if bits == 4:
+            out[:, start:] = _nibble_bytes(q)
+            return hi, lo, None
+        out[:, start:] = _nibble_bytes(_low4(q))
+        return hi, lo, _fifth_halves(q)
+
+    def block_fields(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return fields(hi, lo, bits)
+
+    return fused(blocks), fused(block_fields)
 
 
-@fused
-def _q5_0_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return _symmetric_head(x, 5)
-
-
-@fused
-def _q5_0_codes(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    q = _symmetric_codes(x, inv, 5)
-    out[:, 6:] = _nibble_bytes(q)
-    return _fifth_halves(q)
-
-
-@fused
-def _q4_1_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return _affine_head(x, 4)
-
-
-@fused
-def _q4_1_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> None:
-    out[:, 4:] = _nibble_bytes(_affine_codes(x, lo, inv, 4))
-
-
-@fused
-def _q5_1_head(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return _affine_head(x, 5)
-
-
-@fused
-def _q5_1_codes(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    q = _affine_codes(x, lo, inv, 5)
-    out[:, 8:] = _nibble_bytes(q)
-    return _fifth_halves(q)
+_q4_0_kernels = _nibble_kernels(_symmetric_codes, _symmetric_fields, 4, 2)
+_q5_0_kernels = _nibble_kernels(_symmetric_codes, _symmetric_fields, 5, 6)
+_q4_1_kernels = _nibble_kernels(_affine_codes, _affine_fields, 4, 4)
+_q5_1_kernels = _nibble_kernels(_affine_codes, _affine_fields, 5, 8)
 
 
 class _Legacy(BlockCodec):
-    """A legacy type: the fast path (`head`, then `codes`) and `exact`, which writes each field
-    straight into its bytes of `out` (n, type_size) and is run on the blocks `head` flags.
+    """A legacy type: the fast path (`blocks`, then `fields`) and `exact`, which writes each
+    field straight into its bytes of `out` (n, type_size) and is run on the blocks `fields` flags.
 
-    `head(x)` returns the int16 bits of the block's fp16 fields (n, k), placed at the block's
-    start, the flags (n,) uint8 (REDO, SUSPECT) and the per-block values `codes` takes after x;
-    `codes(x, *values, out)` writes the nibbles at the end of each block into `out` and returns
-    the 5-bit types' `qh` as int16 halves (n, 2), which follow the fp16 fields (None otherwise).
-    Kernels store whole int16 columns fast and a concatenation of byte fields slowly."""
+    `blocks(x, out)` writes the codes at the end of each block into `out` viewed as `code_view`
+    and returns the blocks' extremes ((n,) each) and the 5-bit types' `qh` as int16 halves (n, 2)
+    (None for the others); `fields(*extremes)` returns the block's fp16 fields ((n,) float16 each,
+    in the order they open the block), the flags (n,) int32 (REDO, SUSPECT) and their maximum.
+    The fields and `qh` are stored as whole fp16 and int16 columns of `out` outside the kernels,
+    which store a concatenation of byte fields slowly."""
 
-    head: ClassVar
-    codes: ClassVar
+    blocks: ClassVar
+    fields: ClassVar
+    code_view: ClassVar[torch.dtype] = torch.uint8
     screens = True
 
     @staticmethod
@@ -255,12 +277,13 @@ class _Legacy(BlockCodec):
 
     @classmethod
     def quantize_blocks(cls, x: torch.Tensor, out: torch.Tensor) -> bool:
-        halves, flags, *values = cls.head(x)
-        qh = cls.codes(x, *values, out)
+        *extremes, qh = cls.blocks(x, out.view(cls.code_view))
+        *f16, flags, flagged = cls.fields(*extremes)
+        for k, field in enumerate(f16):
+            out.view(torch.float16)[:, k] = field
         if qh is not None:  # the 5-bit types' qh follows the fp16 fields
-            halves = torch.cat([halves, qh], dim=-1)
-        out.view(torch.int16)[:, : halves.shape[1]] = halves
-        if not bool(flags.any()):
+            out.view(torch.int16)[:, len(f16) : len(f16) + 2] = qh
+        if not bool(flagged):
             return False
         redo = (flags & REDO).nonzero()[:, 0]
         if len(redo):
@@ -270,7 +293,7 @@ class _Legacy(BlockCodec):
     @classmethod
     def quantize_all(cls, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Compiled, the kernels make no large temporaries: one pass for the whole tensor."""
-        if not cls.head.compiles_for(x):
+        if not cls.blocks.compiles_for(x):
             return super().quantize_all(x)
         out = torch.empty((x.shape[0], cls.type_size), dtype=torch.uint8, device=x.device)
         return out, cls.quantize_blocks(x, out)
@@ -279,7 +302,8 @@ class _Legacy(BlockCodec):
 @register_codec(T.Q8_0)
 class Q8_0(_Legacy):
     f16_fields = slice(0, 2)
-    head, codes = staticmethod(_q8_0_head), staticmethod(_q8_0_codes)
+    blocks, fields = staticmethod(_q8_0_blocks), staticmethod(_q8_0_fields)
+    code_view = torch.int8
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -300,7 +324,7 @@ class Q8_0(_Legacy):
 @register_codec(T.Q4_0)
 class Q4_0(_Legacy):
     f16_fields = slice(0, 2)
-    head, codes = staticmethod(_q4_0_head), staticmethod(_q4_0_codes)
+    blocks, fields = map(staticmethod, _q4_0_kernels)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -317,7 +341,7 @@ class Q4_0(_Legacy):
 @register_codec(T.Q4_1)
 class Q4_1(_Legacy):
     f16_fields = slice(0, 4)
-    head, codes = staticmethod(_q4_1_head), staticmethod(_q4_1_codes)
+    blocks, fields = map(staticmethod, _q4_1_kernels)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -334,7 +358,7 @@ class Q4_1(_Legacy):
 @register_codec(T.Q5_0)
 class Q5_0(_Legacy):
     f16_fields = slice(0, 2)
-    head, codes = staticmethod(_q5_0_head), staticmethod(_q5_0_codes)
+    blocks, fields = map(staticmethod, _q5_0_kernels)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -352,7 +376,7 @@ class Q5_0(_Legacy):
 @register_codec(T.Q5_1)
 class Q5_1(_Legacy):
     f16_fields = slice(0, 4)
-    head, codes = staticmethod(_q5_1_head), staticmethod(_q5_1_codes)
+    blocks, fields = map(staticmethod, _q5_1_kernels)
 
     @staticmethod
     def exact(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
