@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -57,7 +58,14 @@ def fused(fn: Callable) -> Callable:
     """Run `fn` compiled (dynamic shapes, one graph) when its first argument is a CPU tensor.
 
     A function that fails to compile (no C++ compiler, an op inductor cannot lower) warns once
-    and runs eagerly from then on: the eager function is the same arithmetic."""
+    and runs eagerly from then on: the eager function is the same arithmetic.
+
+    Dynamo keeps compiled graphs, and counts recompilations against its limit, per code object.
+    Functions that a factory makes from one closure share theirs, and the legacy codecs' four
+    kernels hit the limit together (each type's constants, its 0/1 shape specialisations), so
+    the function compiled is a copy of `fn` with a code object of its own."""
+    fn_copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    fn_copy.__qualname__ = fn.__qualname__
     compiled: Callable | None = None
     failed = False
 
@@ -67,7 +75,7 @@ def fused(fn: Callable) -> Callable:
         if not compiles_for(args[0]):
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
+            compiled = torch.compile(fn_copy, dynamic=True, fullgraph=True, options=_OPTIONS)
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly

@@ -7,6 +7,8 @@ libggml's `ggml_quantize_chunk` without an importance matrix (every type; throug
 
 from __future__ import annotations
 
+import warnings
+
 import gguf
 import numpy as np
 import pytest
@@ -496,6 +498,27 @@ def test_fused_runs_eagerly_inside_eager_block():
         assert not f.compiles_for(torch.zeros(1))
         f(torch.zeros(3))
     assert calls == [False]
+
+
+def test_fused_functions_from_one_factory_compile_apart():
+    """Dynamo counts recompilations per code object, and gives up on a function past its limit
+    (8): kernels made by one factory must not share that budget, or the later ones would run
+    eagerly (as the legacy codecs' did, once). Here more factory-made kernels than the limit,
+    each a different graph, all compile."""
+    def make(op):
+        def kernel(x):
+            return op(x) + 1
+        return fused.fused(kernel)
+
+    ops = [torch.abs, torch.neg, torch.square, torch.floor, torch.ceil, torch.trunc, torch.round, torch.sign,
+           torch.relu, torch.frac]  # exact: compiled and eager agree to the bit
+    assert len(ops) > torch._dynamo.config.recompile_limit
+    x = torch.rand(16) * 10 - 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the fallback's warning would fail here
+        for op in ops:
+            f = make(op)
+            assert torch.equal(f(x), op(x) + 1) and f.compiles_for(x)
 
 
 @settings(max_examples=60, deadline=None)
