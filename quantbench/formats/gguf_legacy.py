@@ -41,7 +41,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .fused import fused
-from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bits, f16_bytes, f16_value, register_codec, roundf, signed_absmax, unbits_le
+from .ggml_codec import BlockCodec, bits_le, fdiv, f16_bytes, f16_value, register_codec, roundf, signed_absmax, unbits_le
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
