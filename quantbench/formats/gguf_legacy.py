@@ -137,14 +137,15 @@ def _low4(q: torch.Tensor) -> torch.Tensor:
 
 
 # -- the fast path: a block pass and a field pass --------------------------------------------
-# Two fused kernels per type. `*_blocks` makes the one pass over the weights: it reduces each block
-# to its extremes, computes the scale and writes the codes, while the block is in cache. `*_fields`
-# then computes the stored per-block values (the fp16 fields, the flags) from the extremes,
-# vectorised across blocks. Inductor vectorises a loop over blocks well for float math and poorly
-# for fp16 conversions, `isinf`/`isfinite` and bool or uint8 outputs: with those inside the block
-# pass, Q4_1 on a 4096 x 4096 matrix took 7.3 ms for the extremes and fields and 7.4 ms for the
-# codes, against 8.3 ms for the block pass and 0.4 ms for the fields as here (2 cores). The codes
-# are computed in float32, C's truncating cast of a non-negative value being `trunc`.
+# Two fused kernels per type (a codec's `blocks` and `fields`). `blocks` makes the one pass over
+# the weights: it reduces each block to its extremes, computes the scale and writes the codes,
+# while the block is in cache. `fields` then computes the stored per-block values (the fp16
+# fields, the flags) from the extremes, vectorised across blocks. Inductor vectorises a loop over
+# blocks well for float math and poorly for fp16 conversions, `isinf`/`isfinite` and bool or uint8
+# outputs: with those in the kernel that reduced each block, and the codes in a second pass over
+# the weights, Q4_1 on a 4096 x 4096 matrix took 7.3 + 7.4 ms, against 8.3 ms for the one pass
+# and 0.4 ms for the fields as here (2 cores). The codes are computed in float32, C's truncating
+# cast of a non-negative value being `trunc`.
 
 REDO, SUSPECT = 1, 2  # flag bits: redo the block exactly; a NaN/Inf weight or an fp16 scale overflow
 _INF = float("inf")
