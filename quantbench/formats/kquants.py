@@ -81,14 +81,47 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # that loads or stores uint8 vectors moves 8 bytes at a time through a buffer. The fields are then
 # copied into their bytes of the blocks (`_store`).
 
-def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: int, lo: int, hi: int) -> torch.Tensor:
-    """Round every weight again against its quantized sub-block scale: x (B, 256), d, dm (B, n_sub)
-    -> codes - lo (B, 256) uint8. ggml: l = nearest_int((x + dm) / d), or x / d; where d is 0 the
-    result is meaningless and `_keep_search_codes` replaces it."""
-    B = x.shape[0]
-    xs = x.reshape(B, -1, sub)
-    v = xs / d[..., None] if dm is None else (xs + dm[..., None]) / d[..., None]
-    return (nearest_int(v).clamp(lo, hi) - lo).to(torch.uint8).reshape(B, -1)
+# ggml rounds with `nearest_int(v)`, which reads the low mantissa bits of v + 1.5 * 2**23: a
+# rounding (halves to even, as `torch.round`) only while |v| < 2**22. A compiled kernel reads those
+# bits lane by lane (a view as int32 goes through a buffer), where `torch.round` is one vector
+# instruction: requantizing a 16K-block chunk of Q3_K took 3.0 ms (7.0 out of cache) with the bit
+# reading and 1.1 ms (1.5) with the rounding. So the kernels round, and flag the rare chunk where
+# some v lies beyond the rounding's range (or is NaN), which `_requantize` redoes with the bits.
+_ROUNDING_RANGE = 4194303.0  # 2**22 - 1: below it nearest_int(v) is v rounded, halves to even
+
+
+def _scaled(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: int) -> torch.Tensor:
+    """What ggml rounds: (x + dm) / d, or x / d, per weight: x (B, 256), d, dm (B, n_sub) -> (B, n_sub, sub)."""
+    xs = x.reshape(x.shape[0], -1, sub)
+    return xs / d[..., None] if dm is None else (xs + dm[..., None]) / d[..., None]
+
+
+def _as_codes(levels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Integer levels (B, n_sub, sub) -> codes clamped to [lo, hi], minus lo, (B, 256) uint8."""
+    return (levels.clamp(lo, hi) - lo).to(torch.uint8).reshape(levels.shape[0], -1)
+
+
+def _requantize_kernel(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: int, lo: int, hi: int):
+    """Round every weight again against its quantized sub-block scale (the fused kernels' body): x
+    (B, 256), d, dm (B, n_sub) -> codes - lo (B, 256) uint8, and whether a sub-block with d != 0
+    holds a value beyond `_ROUNDING_RANGE` or NaN, where these codes are not ggml's. Where d is 0
+    the codes are meaningless and `_keep_search_codes` replaces them."""
+    v = _scaled(x, d, dm, sub)
+    far = ((v.abs() < _ROUNDING_RANGE).logical_not() & (d != 0)[..., None]).any()
+    return _as_codes(torch.round(v), lo, hi), far
+
+
+def _requantize(kernel: Callable, x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, sub: int, lo: int, hi: int,
+               codes: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """ggml's requantization, `l = nearest_int((x + dm) / d)` clamped to [lo, hi], through a fused
+    copy of `_requantize_kernel`: the codes - lo (B, 256) uint8, with the search's codes kept where d is 0."""
+    q, far = kernel(x, d, dm, sub, lo, hi)
+    if far:  # ggml's bits, eagerly: no weight of a real model has come this far from its scale
+        q = _as_codes(nearest_int(_scaled(x, d, dm, sub)), lo, hi)
+    return _keep_search_codes(q, codes, d)
+
+
+_qkx_requantize = fused(_requantize_kernel)  # Q2_K, Q4_K, Q5_K; Q3_K and Q6_K compile copies of their own
 
 
 def _keep_search_codes(q: torch.Tensor, codes: Callable[[torch.Tensor], torch.Tensor], d: torch.Tensor) -> torch.Tensor:
@@ -160,13 +193,8 @@ def _qkx_codes(x: torch.Tensor, L: torch.Tensor, scales, mins, n_sub: int, scale
     """The post-search steps Q2_K, Q4_K and Q5_K share: scale codes, then requantized codes."""
     max_sc = torch.tensor(2**scale_bits - 1, dtype=torch.int32, device=x.device)
     sc, mn, d, dm, d16, dmin16 = _qkx_scale_codes(scales, mins, max_sc, n_sub, scale_bits)
-    q = _keep_search_codes(_qkx_requantize(x, d, dm, 256 // n_sub, nmax), _columns(L), d)
+    q = _requantize(_qkx_requantize, x, d, dm, 256 // n_sub, 0, nmax, _columns(L))
     return q, sc, mn, d16, dmin16
-
-
-@fused
-def _qkx_requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, sub: int, nmax: int) -> torch.Tensor:
-    return _requantize(x, d, dm, sub, 0, nmax)
 
 
 @fused
@@ -305,9 +333,7 @@ def _q3k_scales(scales: torch.Tensor):
     return packed, _as_f16(d)[:, None] * (s.float() - 32), f16_bits(d)
 
 
-@fused
-def _q3k_requantize(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return _requantize(x, d, None, 16, -4, 3)
+_q3k_requantize = fused(_requantize_kernel)
 
 
 @fused
@@ -327,7 +353,7 @@ class Q3_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         scales, codes = make_q3_quants(_element_major(x, 16), 4)
         packed, d, d16 = _q3k_scales(scales)
-        hmask, qs = _q3k_words(_words(_keep_search_codes(_q3k_requantize(x, d), codes, d)))
+        hmask, qs = _q3k_words(_words(_requantize(_q3k_requantize, x, d, None, 16, -4, 3, codes)))
         _store(out, {0: _bytes_of(hmask), 32: _bytes_of(qs), 96: packed.to(torch.uint8)}, {108: d16})
 
     @staticmethod
@@ -358,9 +384,7 @@ def _q6k_scales(scales: torch.Tensor):
     return (sc & 0xFF).to(torch.uint8), _as_f16(d)[:, None] * sc.float(), f16_bits(d), blank  # two's complement
 
 
-@fused
-def _q6k_requantize(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return _requantize(x, d, None, 16, -32, 31)
+_q6k_requantize = fused(_requantize_kernel)
 
 
 @fused
@@ -383,7 +407,7 @@ class Q6_K(BlockCodec):
     def quantize_blocks(x: torch.Tensor, out: torch.Tensor) -> None:
         L, scales = make_qx_quants(_element_major(x, 16), 32)
         sc, d, d16, blank = _q6k_scales(scales)
-        ql, qh = _q6k_words(_words(_keep_search_codes(_q6k_requantize(x, d), _columns(L), d)))
+        ql, qh = _q6k_words(_words(_requantize(_q6k_requantize, x, d, None, 16, -32, 31, _columns(L))))
         _store(out, {0: _bytes_of(ql), 128: _bytes_of(qh), 192: sc}, {208: d16})
         if bool(blank.any()):
             out[blank] = 0

@@ -7,6 +7,7 @@ libggml's `ggml_quantize_chunk` without an importance matrix (every type; throug
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import gguf
@@ -20,8 +21,9 @@ from hypothesis.extra.numpy import arrays
 import ggml_ref
 from quantbench import QTensor, quantize_tensor
 from quantbench.formats import fused
+from quantbench.formats import kquants
 from quantbench.formats import kquants_search as search
-from quantbench.formats.ggml_codec import bits_le, or_fields, split_fields, unbits_le
+from quantbench.formats.ggml_codec import bits_le, nearest_int, or_fields, split_fields, unbits_le
 from quantbench.formats.gguf import GGUF_TYPES, GGUFConfig, GGUFQTensor, types_for_width
 from quantbench.spec import SpecError
 
@@ -536,3 +538,35 @@ def test_q3_may_move_flags_every_sub_block_a_sweep_moves(data, grid):
         moved = (L_next != L).any(0) & ~zero
         assert not (moved & ~maybe).any(), f"{int((moved & ~maybe).sum())} moved sub-blocks not flagged"
         L = L_next
+
+
+def _nearest_int_codes(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """ggml's requantization written out: nearest_int(x / d) (its mantissa bits) clamped, minus lo."""
+    v = x.reshape(x.shape[0], -1, 16) / d[..., None]
+    return (nearest_int(v).clamp(lo, hi) - lo).to(torch.uint8).reshape(x.shape[0], -1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=arrays(np.float32, (2, 256), elements=st.floats(-3e7, 3e7, width=32)),
+       d=arrays(np.float32, (2, 16), elements=st.sampled_from([0.0, 1.0, -1.0, 0.5, 3.0])),
+       t=st.sampled_from(["Q3_K", "Q6_K"]), compiled=st.booleans())
+def test_requantize_keeps_ggml_nearest_int_beyond_the_rounding_range(x, d, t, compiled):
+    """The requantization kernels round (`torch.round`), which equals ggml's `nearest_int` only for
+    |v| < 2**22; beyond, nearest_int reads mantissa bits (5e6 becomes -3791456, clamped to the
+    lowest level where rounding gives the highest), and the kernels flag the chunk to be redone
+    with those bits. Sub-blocks whose scale d is 0 keep the search's codes, whatever they hold."""
+    kernel, lo, hi = {"Q3_K": (kquants._q3k_requantize, -4, 3), "Q6_K": (kquants._q6k_requantize, -32, 31)}[t]
+    x, d = torch.from_numpy(x), torch.from_numpy(d)
+    kept = torch.full((16,), 7, dtype=torch.uint8)
+    with contextlib.nullcontext() if compiled else fused.eager():
+        q = kquants._requantize(kernel, x, d, None, 16, lo, hi, lambda idx: kept.expand(len(idx), 16))
+    expect = _nearest_int_codes(x, d, lo, hi)
+    expect.view(-1, 16)[(d == 0).reshape(-1)] = 7
+    assert torch.equal(q, expect)
+
+
+def test_nearest_int_is_no_rounding_beyond_its_range():
+    """The case the test above guards: at +-5e6, rounding and ggml's nearest_int part ways."""
+    v = torch.tensor([5e6, -5e6, 4194302.5, -4194302.5])
+    assert nearest_int(v).tolist()[:2] == [-3791456, 2582912]
+    assert torch.equal(nearest_int(v[2:]).float(), torch.round(v[2:]))
