@@ -220,7 +220,7 @@ def bnb():
         yield F
 
 
-def assert_same_as_bnb(F, w: torch.Tensor, kind: str, block: int, double_quant: bool, bitwise: bool = True):
+def assert_same_as_bnb(F, w: torch.Tensor, kind: str, block: int, double_quant: bool):
     q = quantize_tensor(w, make(kind, block=block, double_quant=double_quant))
     packed, state = F.quantize_4bit(w, blocksize=block, compress_statistics=double_quant, quant_type=kind)
     assert torch.equal(q.codes, packed.view(-1))
@@ -231,10 +231,20 @@ def assert_same_as_bnb(F, w: torch.Tensor, kind: str, block: int, double_quant: 
         assert torch.equal(q.absmax, state.absmax)
     ours, theirs = q.dequantize(), F.dequantize_4bit(packed, state)
     assert ours.dtype == theirs.dtype == w.dtype
-    assert torch.equal(ours, theirs)
-    if bitwise:  # down to the sign of zero (bnb's C kernel decodes FP4 index 8 as -0.0)
+    assert torch.equal(ours, theirs)  # every value; a zero equals a zero of either sign
+    if bnb_decodes_fp4_zero_as_its_table(w.shape[-1]):  # and down to the sign of zero
         bits = torch.int16 if ours.itemsize == 2 else torch.int32
         assert torch.equal(ours.view(bits), theirs.view(bits))
+
+
+def bnb_decodes_fp4_zero_as_its_table(width: int) -> bool:
+    """Whether bnb's CPU dequantization reads FP4's code 8 as -0.0, as its `fp4_lut` (and ours) do.
+
+    Its scalar C kernel does. Its AVX-512 kernel, and the torch fallback it takes for odd widths
+    and, on AVX-512 hosts, for blocks of 2048 or more, read +0.0: there the sign of a zero weight
+    depends on the host's CPU, and only the values are compared (measured on an AVX-512 Xeon:
+    blocks of 64 and 4096 both gave +0.0 where the table gives -0.0)."""
+    return width % 2 == 0 and torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
 @grid
@@ -253,7 +263,7 @@ def test_same_bytes_as_bitsandbytes(bnb, kind, double_quant, block, dtype):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_same_bytes_as_bitsandbytes_odd_numel(bnb, kind, double_quant):
     torch.manual_seed(2)
-    assert_same_as_bnb(bnb, torch.randn(37, 501), kind, 64, double_quant, bitwise=False)
+    assert_same_as_bnb(bnb, torch.randn(37, 501), kind, 64, double_quant)  # odd width: bnb's torch fallback
 
 
 @grid
