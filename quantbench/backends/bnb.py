@@ -182,6 +182,22 @@ def _use_transformers(ref: Reference, loader: Loader, block: int = 64) -> bool:
     return loader == "transformers" or (loader == "auto" and reloadable and block == 64)
 
 
+def _keep_compute_dtype(built: tuple[nn.Module, list[str]], compute_dtype: str) -> tuple[nn.Module, list[str]]:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight at its first
+    forward and multiplies in bf16, whatever compute dtype the layer was given; it also fails on a
+    layer narrower than one block. Measured on such a Xeon, a tiny Llama's logits moved by up to
+    2.7e-3 from fp32 dequantize-and-multiply. Unless bf16 is the compute dtype asked for, the
+    layers keep bitsandbytes' generic CPU path, which multiplies in the compute dtype, as on every
+    other CPU."""
+    from bitsandbytes.nn import Linear4bit
+
+    if compute_dtype != "bf16":
+        for m in built[0].modules():
+            if isinstance(m, Linear4bit):
+                m.support_avx512bf16_for_cpu = False
+    return built
+
+
 def _variant(name: str, ref: Reference, cfg, built: tuple[nn.Module, list[str]]) -> BnbVariant:
     model, names = built
     layer_spec = format_config(dataclasses.replace(cfg, loader="auto"), name)  # the format, not how it was built
@@ -221,8 +237,10 @@ def _four_bit(quant_type: str, what: str) -> type:
                 qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                         bnb_4bit_use_double_quant=cfg.double_quant,
                                         bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype])
-                return _variant(name, ref, cfg, _transformers(ref, qc))
-            return _variant(name, ref, cfg, _replace(ref, lambda w, b, d: _4bit_layer(w, b, cfg, quant_type, d)))
+                built = _transformers(ref, qc)
+            else:
+                built = _replace(ref, lambda w, b, d: _4bit_layer(w, b, cfg, quant_type, d))
+            return _variant(name, ref, cfg, _keep_compute_dtype(built, cfg.compute_dtype))
 
     Bnb4bit.__name__ = f"Bnb{quant_type.upper()}"
     return register_method(name)(Bnb4bit)

@@ -15,10 +15,18 @@ from bitsandbytes.nn import Linear4bit  # noqa: E402
 from quantbench.layers import QLinear  # noqa: E402
 from quantbench.methods import parse_method  # noqa: E402
 
+# bitsandbytes picks its CPU dequantization kernel by torch's CPU capability; its AVX-512 kernel
+# misreads a block wider than a row (the tiny models' width is 64): measured on an AVX-512 Xeon
+# with bitsandbytes 0.50.2, a (64, 64) layer in blocks of 128 dequantized up to 8.4 away from
+# `quantize_4bit`'s own codes, which ours matches byte for byte (tests/formats/test_nf4.py).
+BNB_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+WIDER_THAN_A_ROW = pytest.mark.xfail(BNB_AVX512, strict=True, reason="bitsandbytes' AVX-512 CPU dequantize_4bit "
+                                     "misreads blocks wider than a row")
 PAIRS = [
     ("nf4:block=64,double_quant=true", "bnb-nf4:double_quant=true,loader=replace"),
     ("nf4:block=64,double_quant=false", "bnb-nf4:loader=replace"),
-    ("nf4:block=128,double_quant=true", "bnb-nf4:block=128,double_quant=true,loader=replace"),
+    pytest.param("nf4:block=128,double_quant=true", "bnb-nf4:block=128,double_quant=true,loader=replace",
+                 marks=WIDER_THAN_A_ROW),
 ]
 
 
@@ -41,7 +49,7 @@ def packed(module) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["b64-dq", "b64", "b128-dq"])
 def test_our_nf4_and_bitsandbytes_nf4_store_the_same_bytes_and_compute_the_same(arch, ours, theirs, tiny_refs):
     ref = tiny_refs[arch]
     a, b = parse_method(ours).build(ref), parse_method(theirs).build(ref)

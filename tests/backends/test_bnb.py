@@ -135,3 +135,18 @@ def test_list_says_which_backends_are_installed(capsys):
     out = capsys.readouterr().out
     assert "bnb-nf4" in out and "llamacpp" in out
     assert "bitsandbytes installed" in out
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_4bit_layers_multiply_in_the_compute_dtype_asked_for(compute_dtype, tiny_refs):
+    """bitsandbytes' AVX512-BF16 CPU path multiplies in bf16 whatever the compute dtype: a variant
+    keeps it only when bf16 is asked for (on other CPUs bitsandbytes never takes it)."""
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    v = parse_method(f"bnb-nf4:compute_dtype={compute_dtype},loader=replace").build(tiny_refs["llama"])
+    try:
+        fused = [m.support_avx512bf16_for_cpu for m in v.model.modules() if isinstance(m, Linear4bit)]
+        assert fused and set(fused) == ({has_avx512bf16()} if compute_dtype == "bf16" else {False})
+    finally:
+        v.close()
