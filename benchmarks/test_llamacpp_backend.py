@@ -41,7 +41,7 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
-from quantbench.backends.llamacpp import LlamaCppVariant, cores  # noqa: E402
+from quantbench.backends.llamacpp import LlamaCppVariant, cores, direct_llama  # noqa: E402
 from quantbench.methods import parse_method  # noqa: E402
 from quantbench.sources import load_reference, load_text, split_tokens, tokenize  # noqa: E402
 from quantbench.sources.text import windows as eval_windows  # noqa: E402
@@ -75,8 +75,8 @@ def _tokens_per_s(fn, wins: torch.Tensor) -> float:
 
 
 def _direct(path: Path, batch: int):
-    return llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=batch, n_ubatch=batch, n_threads=cores(),
-                           n_threads_batch=cores(), logits_all=True, verbose=False)
+    return direct_llama(path, n_ctx=CONTEXT, n_batch=batch, n_ubatch=batch, n_threads=cores(),
+                        n_threads_batch=cores(), logits_all=True, verbose=False)
 
 
 def test_harness_speed_matches_llama_cpp_python(benchmark, q4km):

@@ -32,10 +32,11 @@ def test_embedded_reference_and_int8(session):
 
 
 def test_perplexity_agrees_with_llamacpp_on_same_gguf_and_tokens(session):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from quantbench.backends.llamacpp import direct_llama
+
     ctx = session.protocol.context
-    llm = llama_cpp.Llama(model_path=session.ref.info.gguf_file, n_ctx=ctx, n_batch=ctx, logits_all=True,
-                          n_threads=2, verbose=False)
+    llm = direct_llama(session.ref.info.gguf_file, n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=2, verbose=False)
     fed = session.protocol.prepare(session.windows)
     first = session.protocol.first
     nll = []

@@ -19,6 +19,8 @@ the variant does not need and the memory bar cannot afford. What the variant doe
     llama.cpp's spinning threads wait at every graph barrier, fewer and larger chunks are
     faster: `ubatch=` sets it);
   * n_threads = the cores this process may run on; flash attention off, as `Llama` defaults;
+  * weights in llama.cpp's extra CPU buffer types (its repacked layouts), as llama.cpp loads
+    them by default, except on a CPU with AMX, where its AMX kernels crash (`default_repack`);
   * `own_speed` reports prefill and decode tokens/s from llama.cpp's own counters
     (`llama_perf_context`: prompt-eval and eval time and token counts), next to our timers.
 
@@ -70,6 +72,44 @@ class _Log:
         return " | ".join(t.strip() for t in errors if t.strip())
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux: the amx_tile flag in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+def default_repack() -> bool:
+    """Whether to load weights into llama.cpp's extra CPU buffer types (its repacked layouts), as
+    llama.cpp does by default: yes, except on a CPU with AMX. There llama.cpp puts its AMX buffer
+    first, and with llama-cpp-python 0.3.36 `ggml_backend_amx_mul_mat` crashes the process
+    (SIGSEGV) at the first decode of the embedded model in Q8_0, Q4_0, Q5_0, Q4_K_S, Q6_K and
+    Q4_K_M, through `Llama` as well (seen on a Sapphire Rapids Xeon, where AMX instructions
+    themselves run). Without the extra buffers llama.cpp runs its plain CPU kernels."""
+    return not cpu_has_amx()
+
+
+def direct_llama(path: str | os.PathLike[str], **kwargs):
+    """llama-cpp-python's own `Llama` on a file, for comparisons with the harness (tests and
+    benchmarks), loaded with `default_repack`'s choice of extra CPU buffers. `Llama` takes no
+    argument for that, so the default model parameters it starts from are given the setting."""
+    from unittest import mock
+
+    import llama_cpp
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = default_repack()
+        return p
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
+        return llama_cpp.Llama(str(path), **kwargs)
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -90,7 +130,7 @@ class LlamaCppVariant:
         expected_vocab: int | None = None,
         threads: int = 0,
         ubatch: int = 32,
-        repack: bool = True,
+        repack: bool | None = None,
         cleanup: tuple[str | os.PathLike[str], ...] = (),
     ):
         import llama_cpp
@@ -111,7 +151,8 @@ class LlamaCppVariant:
             _Log.install()
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = 0
-            mparams.use_extra_bufts = repack  # llama.cpp's CPU weight repacking (interleaved rows for SIMD)
+            self.repack = default_repack() if repack is None else repack
+            mparams.use_extra_bufts = self.repack  # llama.cpp's CPU weight repacking (interleaved rows for SIMD)
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
             if not self._model:
                 raise GGUFFileError(

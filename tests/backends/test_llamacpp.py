@@ -268,3 +268,13 @@ def test_embedded_model_f32_perplexity_agrees_with_torch_within_half_a_percent()
     ref, f32 = doc["results"]
     assert abs(f32["ppl"] / ref["ppl"] - 1) < 0.005
     assert f32["kld_mean"] < 1e-3 and f32["top1_agreement"] > 0.99
+
+
+def test_llama_cpp_extra_cpu_buffers_are_off_where_the_cpu_has_amx(monkeypatch):
+    """llama.cpp's AMX kernels crash on the embedded model (see `default_repack`): a variant loads
+    its weights without the extra CPU buffers on an AMX CPU, and with them elsewhere."""
+    from quantbench.backends import llamacpp
+
+    for amx in (True, False):
+        monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda amx=amx: amx)
+        assert llamacpp.default_repack() is not amx
