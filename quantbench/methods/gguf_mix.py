@@ -16,7 +16,8 @@ quantized by our byte-exact GGUF codecs (`formats.gguf`):
 So the weight bytes are llama.cpp's tensor data plus what the torch model keeps besides (RoPE's
 inv_freq buffer), and each quantized tensor holds the very bytes llama.cpp writes for it (up to
 the row order of attn_q/attn_k, which llama.cpp's converter permutes for its RoPE layout).
-Rounding is the GGUF codecs' (ggml's `nearest_int`: halves away from zero).
+Rounding is the GGUF codecs' (ggml's `nearest_int`, halves to even; `roundf`, halves away from zero,
+in Q8_0), stated in `formats.ggml_codec`.
 """
 
 from __future__ import annotations
