@@ -1,13 +1,14 @@
 """Saving a quantized torch variant and restoring it on top of its reference.
 
-What is saved is what differs from the reference: for every `QLinear` its QTensor's stored
-tensors (codes, scales, zeros...) with the QTensor's metadata, and any other parameter or buffer
-a method changed (a cast, AWQ's rescaled norms). Unchanged tensors are not written twice, so an
+What is saved is what differs from the reference: for every `QLinear` and `QEmbedding` its
+QTensor's stored tensors (codes, scales, zeros...) with the QTensor's metadata, which head is a
+`TiedQLinear` of which embedding, and any other parameter or buffer a method changed (a cast,
+AWQ's rescaled norms). Unchanged tensors are not written twice, so an
 int4 variant of a 135M model takes ~60 MB, not the ~500 MB of its float copy. Restoring deep
-copies the reference, swaps the QLinear layers back in and assigns the changed tensors: the
+copies the reference, swaps the quantized modules back in and assigns the changed tensors: the
 restored variant computes bit for bit what the saved one did.
 
-Variants whose modules are not plain reference modules or QLinear (bitsandbytes' Linear4bit, a
+Variants whose modules are neither the reference's own nor quantbench's (bitsandbytes' Linear4bit, a
 llama.cpp process) are not saveable here: `saveable()` says so and the caller just does not
 cache them.
 """
@@ -21,14 +22,15 @@ import torch
 from torch import nn
 
 from .formats import QTensor
-from .layers import QLinear, set_module
+from .layers import QEmbedding, QLinear, TiedQLinear, set_module
 from .variant import TorchVariant
 
 FILE = "variant.safetensors"
 
 
 def saveable(variant: object, ref_model: nn.Module) -> bool:
-    """True for a TorchVariant whose modules are the reference's own types or QLinear."""
+    """True for a TorchVariant whose modules are the reference's own types, QLinear, QEmbedding,
+    or a TiedQLinear of one of its QEmbeddings."""
     if type(variant) is not TorchVariant:
         return False
     ref_types = {n: type(m) for n, m in ref_model.named_modules()}
@@ -36,8 +38,11 @@ def saveable(variant: object, ref_model: nn.Module) -> bool:
     for name, m in variant.model.named_modules():
         if any(name.startswith(q + ".") for q in inside_q):
             continue
-        if isinstance(m, QLinear):
+        if isinstance(m, (QLinear, QEmbedding)):
             inside_q.append(name)
+        elif isinstance(m, TiedQLinear):
+            if not any(e is m.embedding for e in variant.model.modules()):
+                return False
         elif ref_types.get(name) is not type(m):
             return False
     return True
@@ -48,13 +53,14 @@ def save_variant(variant: TorchVariant, ref_model: nn.Module, directory: Path) -
     returns what `load_variant` needs besides the file (JSON-able)."""
     from safetensors.torch import save_file
 
-    qlinears = {n: m for n, m in variant.model.named_modules() if isinstance(m, QLinear)}
+    modules = dict(variant.model.named_modules())
+    held = {n: m for n, m in modules.items() if isinstance(m, (QLinear, QEmbedding))}  # QTensor buffers
     ref_sd = _tensors(ref_model)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # tied tensors are stored once
     seen: dict[tuple, str] = {}
     for k, v in _tensors(variant.model).items():
-        in_q = k.rpartition(".")[0] in qlinears
+        in_q = k.rpartition(".")[0] in held
         r = ref_sd.get(k)
         if not in_q and r is not None and r.dtype == v.dtype and r.shape == v.shape and torch.equal(r, v):
             continue  # the reference's own tensor
@@ -69,7 +75,10 @@ def save_variant(variant: TorchVariant, ref_model: nn.Module, directory: Path) -
         "name": variant.name,
         "n_weights": variant.n_weights,
         "layer_specs": dict(variant.layer_specs),
-        "qlinear": {n: m.qtensor.metadata() for n, m in qlinears.items()},
+        "qlinear": {n: m.qtensor.metadata() for n, m in held.items() if isinstance(m, QLinear)},
+        "qembedding": {n: [m.qtensor.metadata(), m.padding_idx] for n, m in held.items() if isinstance(m, QEmbedding)},
+        "tied_heads": {n: next(e for e, x in modules.items() if x is m.embedding)
+                       for n, m in modules.items() if isinstance(m, TiedQLinear)},
         "aliases": aliases,
     }
 
@@ -82,14 +91,22 @@ def load_variant(directory: Path, info: dict, ref_model: nn.Module) -> TorchVari
     stored = load_file(str(directory / FILE), device=str(device))
     stored.update({k: stored[v] for k, v in info["aliases"].items()})
     model = copy.deepcopy(ref_model)
-    for name, meta in info["qlinear"].items():
+
+    def parts_of(name: str) -> dict[str, torch.Tensor]:
         prefix = name + "."
+        return {k[len(prefix):]: stored.pop(k) for k in list(stored) if k.startswith(prefix)}
+
+    for name, meta in info["qlinear"].items():
         old = model.get_submodule(name)
-        parts = {k[len(prefix):]: stored.pop(k) for k in list(stored) if k.startswith(prefix)}
+        parts = parts_of(name)
         bias = parts.pop("bias", None)
         if bias is None and getattr(old, "bias", None) is not None:
             bias = old.bias
         set_module(model, name, QLinear(QTensor.from_parts(meta, parts), bias))
+    for name, (meta, padding_idx) in info.get("qembedding", {}).items():
+        set_module(model, name, QEmbedding(QTensor.from_parts(meta, parts_of(name)), padding_idx))
+    for name, embedding in info.get("tied_heads", {}).items():
+        set_module(model, name, TiedQLinear(model.get_submodule(embedding)))
     params: dict[str, nn.Parameter] = {}
     for k, t in stored.items():  # set each tensor in place of the reference's, tied ones to one object
         owner, _, leaf = k.rpartition(".")

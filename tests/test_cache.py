@@ -14,6 +14,7 @@ import torch
 
 from quantbench import cache, cached
 from quantbench.cli import main
+from quantbench.layers import QEmbedding, TiedQLinear
 from quantbench.methods import parse_method
 from quantbench.persist import load_variant, save_variant, saveable
 from quantbench.run import RunConfig, Session
@@ -102,7 +103,8 @@ def _reference(model) -> Reference:
     return Reference(model=model, tokenizer=None, info=info, dtype="fp32", device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("spec", ["int:bits=4,group=16,sym=false", "absmax:bits=8,granularity=channel", "bf16"])
+@pytest.mark.parametrize("spec", ["int:bits=4,group=16,sym=false", "absmax:bits=8,granularity=channel", "bf16",
+                                  "gguf-mix:Q4_K_M"])
 def test_saved_variant_restores_bit_for_bit(tmp_path, tiny_model, spec):
     ref = _reference(tiny_model)  # Llama (nn.Linear) and GPT-2 (Conv1D, weights transposed)
     variant = parse_method(spec).build(ref)
@@ -114,7 +116,11 @@ def test_saved_variant_restores_bit_for_bit(tmp_path, tiny_model, spec):
     assert restored.weight_bytes() == variant.weight_bytes()
     assert restored.layer_specs == variant.layer_specs and restored.n_weights == variant.n_weights
     full = sum(t.numel() * t.element_size() for t in variant.model.state_dict().values())
-    if spec != "bf16":  # only what differs from the reference is written
+    if spec.startswith("gguf-mix"):  # a quantized embedding (and a head tied to it) come back as such
+        kinds = [sorted(type(m).__name__ for m in v.model.modules() if isinstance(m, (QEmbedding, TiedQLinear)))
+                 for v in (variant, restored)]
+        assert kinds[0] == kinds[1] and "QEmbedding" in kinds[0]
+    elif spec != "bf16":  # only what differs from the reference is written
         assert (tmp_path / "variant.safetensors").stat().st_size < 0.75 * full
 
 
