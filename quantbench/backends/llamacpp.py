@@ -151,8 +151,8 @@ class LlamaCppVariant:
             _Log.install()
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = 0
-            self.repack = default_repack() if repack is None else repack
-            mparams.use_extra_bufts = self.repack  # llama.cpp's CPU weight repacking (interleaved rows for SIMD)
+            # llama.cpp's CPU weight repacking (interleaved rows for SIMD)
+            mparams.use_extra_bufts = default_repack() if repack is None else repack
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
             if not self._model:
                 raise GGUFFileError(

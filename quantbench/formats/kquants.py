@@ -116,7 +116,7 @@ def _requantize(kernel: Callable, x: torch.Tensor, d: torch.Tensor, dm: torch.Te
     """ggml's requantization, `l = nearest_int((x + dm) / d)` clamped to [lo, hi], through a fused
     copy of `_requantize_kernel`: the codes - lo (B, 256) uint8, with the search's codes kept where d is 0."""
     q, far = kernel(x, d, dm, sub, lo, hi)
-    if far:  # ggml's bits, eagerly: no weight of a real model has come this far from its scale
+    if far:  # ggml's bits, eagerly: a weight 2**22 steps from its sub-block's quantized scale
         q = _as_codes(nearest_int(_scaled(x, d, dm, sub)), lo, hi)
     return _keep_search_codes(q, codes, d)
 
