@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import cache
+from .eval.metrics import scoring_path
 from .eval.protocols import Protocol
 from .eval.quality import RefLogits, reference_logits
 from .methods import MethodSpec
@@ -93,6 +94,7 @@ def row_key(session: Session, spec: MethodSpec) -> dict:
         "windows": session.ref_key["windows"],
         "protocol": session.ref_key["protocol"],
         "generate": cfg.generate_tokens if cfg.generate else 0,
+        "scoring": scoring_path(session.ref.device),
     }
 
 

@@ -23,6 +23,7 @@ from . import results as R
 from .cached import cached_reference_logits
 from .eval.generate import generations
 from .eval.memory import PeakRSS, rss_bytes
+from .eval.metrics import warm_up
 from .eval.protocols import Protocol
 from .eval.quality import RefLogits, evaluate_quality
 from .eval.speed import measure_speed
@@ -157,6 +158,7 @@ class Session:
         self.ref_logits = cached_reference_logits(
             ref_variant, self.windows, self.protocol, key, progress=self.progress("reference", len(self.windows))
         )
+        warm_up(self.ref_logits.vocab, self.ref.device)
 
     def build(self, spec: MethodSpec) -> tuple[Variant, float]:
         t = time.perf_counter()

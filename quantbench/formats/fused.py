@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the ggml codecs: plain torch functions compiled by torch.compile (inductor).
+"""Fused CPU kernels for the ggml codecs (and one for the evaluation): plain torch functions compiled
+by torch.compile (inductor).
 
 Why: eager torch runs every op as its own pass over memory, while ggml's quantizers keep a
 block in registers from the first load to the last byte. A k-quant scale search is a few hundred
@@ -7,7 +8,7 @@ chunk. Inductor fuses one call of a function below into a single C++ loop over t
 SIMD across them, so the same torch code runs 3-7x faster on the CPU (measured on 2 cores:
 gguf:Q4_K on a 256x4096 matrix 423 ms eager, 60 ms compiled; Q3_K 92 -> 30 ms).
 
-Exactness: the functions given to `fused` are written so that compiling them cannot change a bit.
+Exactness: the codecs' functions given to `fused` are written so that compiling them cannot change a bit.
   * Every float op is elementwise, in the order written. Sums are explicit chains of adds over
     rows (`seq_sum`), never reductions, which inductor would vectorise in another order; the only
     reductions are max/min, integer sums and float sums that are exact (the Q5 types' `qh` halves:
@@ -21,6 +22,10 @@ Exactness: the functions given to `fused` are written so that compiling them can
     stored: the legacy codecs flag the blocks where that sign matters and redo them eagerly.
 The golden tests against libggml and gguf-py run through this path (the default on the CPU) and,
 for every type, through the eager one.
+One user is not a codec: the evaluation's scoring kernel (`quantbench/eval/metrics.py`,
+`_chunk_sums`), whose sums are reductions by design. Compiled and eager, its figures agree to
+float32 rounding, not bit for bit; each path is deterministic, and cached figures record which
+one made them.
 
 Where: CPU tensors only. On CUDA inductor emits Triton, whose float32 division is not correctly
 rounded, so the same functions run eagerly there. `QUANTBENCH_COMPILE=0` turns compilation off;
