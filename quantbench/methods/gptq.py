@@ -25,12 +25,14 @@ when the group size equals the block size).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
 from scipy.linalg import lapack
+from threadpoolctl import ThreadpoolController
 
 from ..formats.integer import IntConfig, IntQTensor, QParams, choose_qparams, dequantize_codes, group_view, pack, quantize_codes
 from ..layers import LayerRule, get_weight, set_weight
@@ -74,10 +76,21 @@ def lapack_lower_inverse(A: torch.Tensor) -> torch.Tensor | None:
     or None when A is not positive definite: LAPACK's potrf and trtri (torch has no triangular
     inverse, and a triangular solve against I takes three times its flops)."""
     # A C-ordered array read in Fortran order is its transpose: A itself, A being symmetric.
-    U, info = lapack.spotrf(A.numpy().T, lower=0, overwrite_a=1)  # A = U^T U, so U = L^T
-    if not info:
-        U, info = lapack.strtri(U, lower=0, overwrite_c=1)  # U^-1 = (L^-1)^T
+    with _blas().limit(limits=1, user_api="blas"):
+        U, info = lapack.spotrf(A.numpy().T, lower=0, overwrite_a=1)  # A = U^T U, so U = L^T
+        if not info:
+            U, info = lapack.strtri(U, lower=0, overwrite_c=1)  # U^-1 = (L^-1)^T
     return None if info else torch.from_numpy(U.T)  # U.T: L^-1, C-ordered
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """scipy's BLAS libraries, to run its LAPACK on one thread. With more, OpenBLAS's threads
+    spin for a while after each call on the cores torch's next ops need: on 2 cores, packing a
+    layer's codes right after an inverse took 24-30 ms instead of 1.8 (Xeon), about 3 s of a
+    GPTQ build of the embedded model. One thread inverts a 576^2 Hessian as fast (4.1-4.7 ms
+    against 4.4)."""
+    return ThreadpoolController()
 
 
 def torch_lower_inverse(A: torch.Tensor) -> torch.Tensor | None:

@@ -144,6 +144,27 @@ def test_lapack_and_torch_triangular_inverses_agree(n):
     assert lapack_lower_inverse(-A.clone()) is None and torch_lower_inverse(-A) is None
 
 
+def test_lapack_inverse_runs_scipys_blas_on_one_thread(monkeypatch):
+    """Idle OpenBLAS threads spin on the cores torch needs next (packing after an inverse took 15x
+    longer); the factorization must run with every BLAS library scipy loaded held to one thread,
+    and give the threads back afterwards."""
+    from quantbench.methods import gptq
+
+    seen = []
+    spotrf = gptq.lapack.spotrf
+
+    def watched(*args, **kwargs):
+        seen.extend(lib["num_threads"] for lib in gptq._blas().info() if lib["user_api"] == "blas")
+        return spotrf(*args, **kwargs)
+
+    monkeypatch.setattr(gptq.lapack, "spotrf", watched)
+    before = [lib["num_threads"] for lib in gptq._blas().info()]
+    X = correlated_inputs(4, 64, 32)
+    assert lapack_lower_inverse(X.T @ X / 64 + torch.eye(32)) is not None
+    assert seen and set(seen) == {1}
+    assert [lib["num_threads"] for lib in gptq._blas().info()] == before
+
+
 def test_dead_inputs_get_zero_weight():
     X = correlated_inputs(2, 256, 64)
     X[:, [3, 40]] = 0
