@@ -29,8 +29,8 @@ that, or all zero, is stored on that finest grid). Two consequences, both tested
     stepped down until the top code is reached (which also breaks exact ties, where rounding
     half to even would leave the top code unused).
 
-The functions `choose_qparams`, `quantize_codes`, `dequantize_codes` and `pack` are the table
-through which GPTQ and AWQ reach this format: they never pack bits themselves.
+The functions `choose_qparams`, `quantize_codes` (or `quantize_centered`), `dequantize_codes` and
+`pack` are the table through which GPTQ and AWQ reach this format: they never pack bits themselves.
 """
 
 from __future__ import annotations
@@ -147,6 +147,20 @@ def quantize_codes(w: torch.Tensor, qp: QParams, cfg: IntConfig, out: torch.Tens
     into `out` when given (it must have the broadcast shape)."""
     lowest = 1 if cfg.sym else 0
     return torch.div(w, qp.scale, out=out).round_().add_(qp.zero).clamp_(lowest, 2**cfg.bits - 1)
+
+
+def centered_bounds(qp: QParams, cfg: IntConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range of codes minus zero: (lowest - zero, 2**bits - 1 - zero), shaped like qp.zero."""
+    lowest = 1 if cfg.sym else 0
+    return lowest - qp.zero, (2**cfg.bits - 1) - qp.zero
+
+
+def quantize_centered(w: torch.Tensor, scale: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """round(w / scale) clamped to `bounds` (`centered_bounds`): `quantize_codes` minus zero, exactly
+    (every value is an integer below 2**24 in float32, and clamping commutes with the shift), and
+    `dequantize_codes` is this times the scale. For a loop that needs w - q per column (GPTQ),
+    two ops fewer; the zero is added to all its codes at once afterwards."""
+    return torch.div(w, scale, out=out).round_().clamp_(*bounds)
 
 
 def dequantize_codes(codes: torch.Tensor, qp: QParams, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,9 +14,9 @@ order (`desc_act`: columns by decreasing H diagonal), and static groups (group p
 from the unquantized weights, so act_order keeps contiguous groups).
 
 The algorithm only chooses codes; choosing scales and zeros, rounding and bit packing are the
-integer format's (`quantbench.formats.integer`: choose_qparams, quantize_codes, dequantize_codes,
-pack), so a GPTQ weight stores exactly like an RTN one, rounded the same way (torch.round: halves
-to even). One deliberate difference from the
+integer format's (`quantbench.formats.integer`: choose_qparams, quantize_centered (its codes
+minus zero, the form the column loop needs), pack), so a GPTQ weight stores exactly like an RTN
+one, rounded the same way (torch.round: halves to even). One deliberate difference from the
 reference: the parameters of a group are chosen from the group's columns as they are when the
 group starts, all error feedback applied; the reference reads the block-start copy (the two agree
 when the group size equals the block size).
@@ -34,7 +34,7 @@ import torch
 from scipy.linalg import lapack
 from threadpoolctl import ThreadpoolController
 
-from ..formats.integer import IntConfig, IntQTensor, QParams, choose_qparams, dequantize_codes, group_view, pack, quantize_codes
+from ..formats.integer import IntConfig, IntQTensor, QParams, centered_bounds, choose_qparams, group_view, pack, quantize_centered
 from ..layers import LayerRule, get_weight, set_weight
 from ..sources import Calibration
 from ..spec import SpecError
@@ -147,6 +147,7 @@ def gptq_codes(
         col_group = perm // gs if cfg.group > 0 else torch.zeros_like(perm)  # visit order -> group
         col_scale = scale[:, col_group].t().contiguous()  # (in, R)
         col_zero = zero[:, col_group].t().contiguous()
+        col_low, col_high = (b.contiguous() for b in centered_bounds(QParams(col_scale, col_zero), cfg))
     if opts.act_order:
         W, H = W[:, perm], H[perm][:, perm]
 
@@ -168,18 +169,19 @@ def gptq_codes(
                 s2 = min(s1 + sub, i2)
                 for j in range(s1, s2):
                     if not dynamic:
-                        qp = QParams(col_scale[j], col_zero[j])
+                        col_s, bounds = col_scale[j], (col_low[j], col_high[j])
                     elif j % gs == 0:  # a new group: parameters from its columns as they are now
                         g = choose_qparams(Wt[j : j + gs].t(), cfg)  # (out, 1)
                         scale[:, j // gs], zero[:, j // gs] = g.scale[:, 0], g.zero[:, 0]
-                        qp = QParams(g.scale[:, 0], g.zero[:, 0])
-                    c = quantize_codes(rows[j], qp, cfg, out=codes_[j])
-                    err1 = dequantize_codes(c, qp, out=errs[j - i1])
-                    torch.sub(rows[j], err1, out=err1)
+                        col_s, bounds = g.scale[:, 0], centered_bounds(QParams(g.scale[:, 0], g.zero[:, 0]), cfg)
+                    q = quantize_centered(rows[j], col_s, bounds, out=codes_[j])  # codes - zero
+                    err1 = torch.addcmul(rows[j], q, col_s, value=-1, out=errs[j - i1])  # w - q * scale
                     Wt[j + 1 : s2].addr_(hrows[j][j + 1 : s2], err1, alpha=-1)  # within the sub-block
                 Wt[s2:i2].addmm_(Hn[s1:s2, s2:i2].t(), Err1[s1 - i1 : s2 - i1], alpha=-1)  # rest of the block
             Wt[i2:].addmm_(Hn[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of later columns
 
+    # The loop kept codes minus zero (`quantize_centered`); the zeros go back in one pass.
+    Ct.add_(zero[:, torch.arange(n, device=W.device) // gs].t() if dynamic else col_zero)
     codes = Ct.t()[:, invperm] if opts.act_order else Ct.t()  # (out, in), original column order
     g_idx = None
     if dynamic and opts.act_order:
