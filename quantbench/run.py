@@ -23,7 +23,7 @@ from . import results as R
 from .cached import cached_reference_logits
 from .eval.generate import generations
 from .eval.memory import PeakRSS, rss_bytes
-from .eval.metrics import warm_up
+from .eval.metrics import scoring_path, warm_up
 from .eval.protocols import Protocol
 from .eval.quality import RefLogits, evaluate_quality
 from .eval.speed import measure_speed
@@ -152,6 +152,7 @@ class Session:
             "protocol": self.protocol.to_dict(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "scoring": scoring_path(self.ref.device),  # the stored row statistics are the scoring kernel's
         }
         self.ref_key = key  # what every cached figure of this session is keyed on (quantbench/cached.py)
         ref_variant = TorchVariant("reference", self.ref.model)

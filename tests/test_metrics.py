@@ -178,6 +178,30 @@ def test_scores_do_not_depend_on_the_thread_count(n):
         assert torch.equal(getattr(one, k), getattr(two, k)), k
 
 
+def test_scoring_stays_compiled_past_dynamos_default_recompile_limit(recwarn):
+    """Each kind of input (inference tensors or not), vocabulary size class and thread count is a
+    graph of its own, and past dynamo's default limit of 8 graphs the kernel would turn eager in
+    mid-process: a session's figures would then mix two roundings (found when an xdist worker
+    and a long-lived process disagreed in the ninth digit of a perplexity)."""
+    from quantbench.eval.metrics import scoring_path
+
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for v in (40, 256, 300):
+                ref = torch.randn(3, v, generator=g)
+                for inference in (False, True):
+                    with torch.inference_mode(inference):
+                        var = ref + 0.1
+                    score_tokens(ref, var, torch.zeros(3, dtype=torch.long))
+    finally:
+        torch.set_num_threads(threads)
+    assert scoring_path("cpu") == "compiled"
+    assert not [w for w in recwarn if str(w.message).startswith("quantbench: torch.compile")]
+
+
 def test_kl_agrees_with_a_float64_computation():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(70, 1000, generator=g) * 3
@@ -228,7 +252,7 @@ def test_max_argmax_propagates_nan_like_torch_max():
 def test_reference_rows_read_in_chunks_score_as_the_whole(tmp_path):
     from functools import partial
 
-    from quantbench.eval.metrics import score_chunks
+    from quantbench.eval.metrics import reference_stats, score_chunks
     from quantbench.eval.quality import RefLogits
 
     g = torch.Generator().manual_seed(0)
@@ -237,11 +261,10 @@ def test_reference_rows_read_in_chunks_score_as_the_whole(tmp_path):
     ref.numpy().tofile(tmp_path / "ref.bin")
     stored = RefLogits(tmp_path / "ref.bin", 2, 77, 300)
     assert torch.equal(stored.rows(1, 5, 9), ref[1, 5:9]) and torch.equal(stored.window(0), ref[0])
-    assert stored.top(1) is None  # no stored max and argmax: the scoring finds them
+    assert stored.stats(1) is None  # no stored statistics: the scoring finds them
     chunked = score_chunks(partial(stored.rows, 1), var, targets)
     whole = score_tokens(ref[1], var, targets)
-    top = ref[1].max(-1)
-    given = score_chunks(partial(stored.rows, 1), var, targets, (top.values, top.indices))
+    given = score_chunks(partial(stored.rows, 1), var, targets, reference_stats(ref[1]))
     for k in TokenScores.__dataclass_fields__:
         assert torch.equal(getattr(chunked, k), getattr(whole, k)), k
         assert torch.equal(getattr(given, k), getattr(whole, k)), k
@@ -249,6 +272,11 @@ def test_reference_rows_read_in_chunks_score_as_the_whole(tmp_path):
         stored.rows(2, 0, 1)
     with pytest.raises(IndexError, match="rows 70:78"):
         stored.rows(0, 70, 78)
+    from quantbench.eval.quality import stats_path
+
+    np.savez(stats_path(tmp_path / "ref.bin"), max=np.zeros((2, 77)), argmax=np.zeros((2, 77)))  # an older layout
+    with pytest.raises(ValueError, match=r"holds \['argmax', 'max'\], not \['max', 'argmax', 'expsum'\]; delete it"):
+        RefLogits(tmp_path / "ref.bin", 2, 77, 300).stats(0)
     (tmp_path / "short.bin").write_bytes((tmp_path / "ref.bin").read_bytes()[:-4])
     with pytest.raises(ValueError, match="truncated: window 1 is incomplete"):
         RefLogits(tmp_path / "short.bin", 2, 77, 300).rows(1, 70, 77)

@@ -40,7 +40,11 @@ class TokenScores:
         return self.nll.numel()
 
 
-ROWS = 24  # positions scored at a time: a chunk's reference and variant rows, 4.7 MB each, stay in cache
+# Positions scored at a time: one call of the compiled kernel and one mapping of the reference
+# file per chunk (25 MB of reference rows at 49,152 wide). The kernel reads each row once, so a
+# chunk need not fit in cache, and each call and mapping has a fixed cost: scoring a bf16 variant
+# of the embedded model added 16% to its forward at 24 rows, 12.6% at 64, 11.5% at 128 (Xeon).
+ROWS = 128
 BLOCK = 128  # argmax in two steps: block maxima, then the winning block (see _max_argmax)
 SHIFT_RANGE = 64.0  # |max(variant) - max(reference)| up to which the reference's max shifts the variant's exps
 
@@ -56,11 +60,21 @@ def row_chunks(n: int) -> list[tuple[int, int]]:
 def _blocks(x: torch.Tensor, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
     """(N, V) -> (N, ceil(V / BLOCK)): `reduce(blocks, -1)` over blocks of BLOCK columns (the last
     may be short)."""
-    n, v = x.shape
+    return _by_blocks(reduce, x)[0]
+
+
+def _by_blocks(reduce: Callable[..., torch.Tensor], *xs: torch.Tensor, f: Callable | None = None) -> list[torch.Tensor]:
+    """Block reductions of (N, V) arrays, (N, ceil(V / BLOCK)) each: `reduce(f(*blocks), -1)` where
+    `f` (default: each array itself, one result per array) maps blocks of BLOCK columns of every
+    array (the last may be short) to a list of arrays of their shape. Every reduction goes over the
+    same (N, V // BLOCK, BLOCK) view, so a compiler fuses them into one loop nest."""
+    n, v = xs[0].shape
     full = v // BLOCK * BLOCK
-    blocks = reduce(x[:, :full].reshape(n, -1, BLOCK), -1)  # (n, v // BLOCK)
+    f = f or (lambda *b: list(b))
+    blocks = [reduce(y, -1) for y in f(*(x[:, :full].reshape(n, -1, BLOCK) for x in xs))]
     if full < v:
-        blocks = torch.cat([blocks, reduce(x[:, full:], -1, keepdim=True)], -1)
+        tails = [reduce(y, -1, keepdim=True) for y in f(*(x[:, full:] for x in xs))]
+        blocks = [torch.cat([b, t], -1) for b, t in zip(blocks, tails)]
     return blocks
 
 
@@ -94,21 +108,29 @@ def _max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chunk_sums(ref: torch.Tensor, logits: torch.Tensor, m_ref: torch.Tensor, t: torch.Tensor):
-    """One pass over a chunk of (N, V) float32 reference and variant logits, both shifted by the
-    reference's row max `m_ref` (N,): the sums of exp(ref - m_ref), of exp(ref - m_ref) * (logits -
-    ref) and of exp(logits - m_ref), the sum of squared differences, the variant's block maxima,
-    and both logits at the targets `t` (N, 1). Compiled (`fused`), it is one loop per row that
-    reads each array once from memory; no (N, V) intermediate is materialized."""
-    d = logits - ref
-    w = torch.exp(ref - m_ref[:, None])
-    z = torch.exp(logits - m_ref[:, None])
-    return (
-        _sum(w), _sum(w * d), _sum(z), _sum(d * d), _block_max(logits),
-        ref.gather(1, t).squeeze(1), logits.gather(1, t).squeeze(1),
-    )
+    """One pass over a chunk of (N, V) float32 reference and variant logits, with the reference's
+    row max `m_ref` (N,): the sums of exp(ref - m_ref) * (logits - ref), of exp(logits - m_ref)
+    and of (logits - ref)^2, the variant's block maxima, and both logits at the targets `t` (N, 1).
+    Compiled (`fused`), the three sums and the maxima are one loop nest over the rows' blocks
+    that reads each array once; no (N, V) intermediate is stored. The reference's own sum of
+    exps is not here: it is the reference's figure, this kernel's second sum with the reference as
+    the variant (`reference_stats`), stored with the reference's logits. Summed here as well, it
+    would be an exp used twice, which inductor stores to memory and reads back rather than fuse
+    (a third more time per chunk, measured)."""
+
+    def terms(r, lg):
+        m = m_ref.view(-1, *([1] * (r.dim() - 1)))
+        d = lg - r
+        return [torch.exp(r - m) * d, torch.exp(lg - m), d * d]
+
+    cross, z, sq = (b.double().sum(-1) for b in _by_blocks(torch.sum, ref, logits, f=terms))
+    return cross, z, sq, _block_max(logits), ref.gather(1, t).squeeze(1), logits.gather(1, t).squeeze(1)
 
 
-_sums = fused(_chunk_sums)
+# Graphs: kinds of input (inference tensors or not, for each array) x vocabulary size classes
+# (below 128, a multiple of it, neither) x thread counts; past dynamo's default limit of 8 the
+# scoring would turn eager in mid-process, changing figures by rounding.
+_sums = fused(_chunk_sums, graphs=64)
 
 
 def scoring_path(device: torch.device | str) -> str:
@@ -129,16 +151,18 @@ def score_chunks(
     ref_rows: Callable[[int, int], torch.Tensor],
     logits: torch.Tensor,
     targets: torch.Tensor,
-    ref_top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ref_stats: RefStats | None = None,
 ) -> TokenScores:
     """Scores for (N, V) variant logits and (N,) targets, against reference rows a:b that
-    `ref_rows(a, b)` returns ((b - a, V), e.g. mapped from a file a chunk at a time). `ref_top`
-    is the reference's (max, argmax) per row, (N,) each, when they were stored with it
-    (`reference_logits`); otherwise they are found here.
+    `ref_rows(a, b)` returns ((b - a, V), e.g. mapped from a file a chunk at a time). `ref_stats`
+    is the reference's (max, argmax, sum of exps) per row, (N,) each, when they were stored with
+    it (`reference_stats`, written by `reference_logits`); otherwise they are found here, one
+    more pass over the reference.
 
     This runs once per evaluated token over the whole vocabulary (49,152 wide for the embedded
-    model), so it reads the logits as few times as it can. With the reference's max m_ref known,
-    `_chunk_sums` reduces both arrays to a few numbers per row in one pass, from which
+    model), so it reads the logits as few times as it can. With the reference's max m_ref and
+    its sum of exps known, `_chunk_sums` reduces both arrays to a few numbers per row in one
+    pass, from which
 
         ln Z_ref = m_ref + ln sum exp(ref - m_ref),   ln Z = m_ref + ln sum exp(logits - m_ref)
         KL(p_ref || p) = sum p_ref (ln p_ref - ln p) = (ln Z - ln Z_ref) - E_ref[logits - ref]
@@ -146,18 +170,20 @@ def score_chunks(
     follow in float64. The variant's exps are shifted by the reference's max, not its own: no
     pass over its logits has to come first. That is exact in float32 while the two maxima lie
     within SHIFT_RANGE of each other (no exp overflows, the largest is a normal float); rows
-    beyond it, a broken variant's, are summed again with their own max. The reference and the
-    variant sum their exps in the same code, so identical logits give a KL of exactly 0.
+    beyond it, a broken variant's, are summed again with their own max. The reference's sum of
+    exps is the same kernel's variant sum, taken with the reference in the variant's place, so
+    identical logits give a KL of exactly 0.
 
-    It goes ROWS positions at a time: a chunk's reference rows and variant rows stay in the CPU's
-    cache while they are read. Measured on 2 cores (Xeon, AVX-512) for a window of 511 positions
-    of 49,152 inside `evaluate_quality`, the reference mapped from the page cache: 43-47 ms in
-    all, against 80 ms for reading each chunk into a buffer and scoring it with eager torch, one
-    pass per operation. Sums go by blocks (`_sum`), so the KL is closer to a float64 computation
-    than float32 log-softmaxes give it: on 64 rows of N(0, 9) logits 49,152 wide, the largest
-    relative error is 1e-5 at KL 5e-3 and 1.3e-3 at KL 5e-5 (log-softmaxes: 2.3e-4 and 2.1e-2).
-    Every score is per row, and each row is summed by one thread, so neither the chunking
-    nor the thread count changes a figure.
+    It goes ROWS positions at a time, mapping only those rows of the reference. Measured on 2
+    cores (Xeon, AVX-512) for a window of 511 positions of 49,152, inside `evaluate_quality`, the
+    reference mapped from the page cache and its statistics stored: about 25 ms (43-47 ms when the
+    kernel also summed the reference's exps in chunks of 24 rows, 80 ms reading each chunk into a
+    buffer and scoring it with eager torch, one pass per operation).
+    Sums go by blocks (`_sum`), so the KL is closer to a float64 computation than float32
+    log-softmaxes give it: on 64 rows of N(0, 9) logits 49,152 wide, the largest relative error
+    is 1e-5 at KL 5e-3 and 1.3e-3 at KL 5e-5 (log-softmaxes: 2.3e-4 and 2.1e-2). Every score is
+    per row, and each row is summed by one thread, so neither the chunking nor the thread count
+    changes a figure.
     """
     assert logits.shape[0] == targets.shape[0], (logits.shape, targets.shape)
     logits = logits.float()
@@ -166,27 +192,44 @@ def score_chunks(
     for a, b in row_chunks(targets.shape[0]):
         ref = ref_rows(a, b)
         assert ref.shape == logits[a:b].shape, (a, b, ref.shape, logits.shape)
-        top = None if ref_top is None else (ref_top[0][a:b], ref_top[1][a:b])
-        parts.append(_chunk_scores(ref.to(logits.device), logits[a:b], targets[a:b], top))
+        ref = ref.to(logits.device).float()
+        stats = _chunk_stats(ref) if ref_stats is None else tuple(x[a:b].to(logits.device) for x in ref_stats)
+        parts.append((*stats, *_run_sums(ref, logits[a:b], stats[0], targets[a:b])))
         del ref  # a mapped chunk is unmapped here, before the next is mapped
     return _finish(logits, targets, [torch.cat(x) for x in zip(*parts)])
 
 
-def _chunk_scores(ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, top):
-    """The per-row figures of one chunk that need its reference rows."""
-    ref = ref.float().contiguous()
-    m_ref, top_ref = _max_argmax(ref) if top is None else (x.to(logits.device) for x in top)
+RefStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per row: max, argmax, sum of exp(ref - max)
+
+
+@torch.no_grad()
+def reference_stats(ref: torch.Tensor) -> RefStats:
+    """(N, V) reference logits -> each row's max, argmax and sum of exp(ref - max) (float64), the
+    reference's own figures that every variant is scored against (`score_chunks`)."""
+    parts = [_chunk_stats(ref[a:b].float()) for a, b in row_chunks(ref.shape[0])]
+    return tuple(torch.cat(x) for x in zip(*parts))  # type: ignore[return-value]
+
+
+def _chunk_stats(ref: torch.Tensor) -> RefStats:
+    """`reference_stats` of one chunk. The sum of exps is `_chunk_sums`' sum over the variant's
+    exps with a copy of the reference as the variant: the same code on the same values, so a
+    variant whose logits equal the reference's sums them to the same bits."""
+    m, top = _max_argmax(ref)
+    z = _run_sums(ref, ref.clone(), m, torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device))[1]
+    return m, top, z
+
+
+def _run_sums(ref: torch.Tensor, logits: torch.Tensor, m_ref: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`_chunk_sums` of one chunk of rows."""
     # Eagerly, torch splits a lone row's sums between threads, so its figures would depend on the
     # thread count; two or more rows are shared out by row. A lone row is summed twice over.
     n = ref.shape[0]
-    lone = n == 1
-    if lone:
+    if n == 1:
         ref, logits, m_ref, targets = ref.expand(2, -1), logits.expand(2, -1), m_ref.expand(2), targets.expand(2)
     # detach(): a view's guards would name its base tensor's sizes (a mapped chunk's, a window's),
     # and every new kind of base would compile the kernel again.
     ref, logits, m_ref, t = (x.contiguous().detach() for x in (ref, logits, m_ref.float(), targets[:, None]))
-    sums = _sums(ref, logits, m_ref, t)
-    return (m_ref[:n], top_ref[:n], *(x[:n] for x in sums))
+    return tuple(x[:n] for x in _sums(ref, logits, m_ref, t))
 
 
 def warm_up(vocab: int, device: torch.device | str = "cpu") -> None:

@@ -2,8 +2,8 @@
 
 The reference's logits at the scored positions are computed once and kept on disk, not in
 memory: the embedded model's vocabulary is 49,152 wide, about 200 KB a token in float32. Beside
-them go each scored row's max and argmax, the reference's own figures that every variant is
-scored against. Each variant then runs window by window, and each window's reference logits are
+them go each scored row's max, argmax and sum of exps, the reference's own figures that every
+variant is scored against. Each variant then runs window by window, and each window's reference logits are
 mapped from the file a few rows at a time as the scoring goes: only the chunk being scored is
 mapped, so the file never counts in the process's resident set beyond one chunk.
 """
@@ -23,21 +23,23 @@ import numpy as np
 import torch
 
 from ..variant import Variant
-from .metrics import TokenScores, _max_argmax, row_chunks, score_chunks, summarize
+from .metrics import RefStats, TokenScores, reference_stats, score_chunks, summarize
 from .protocols import Protocol
 
 Progress = Callable[[int], None]
 
 
-def top_path(path: Path) -> Path:
-    """Where `reference_logits` keeps the reference's per-row max and argmax beside `path`."""
-    return path.with_name(path.name + ".top.npz")
+def stats_path(path: Path) -> Path:
+    """Where `reference_logits` keeps the reference's per-row statistics (`reference_stats`)
+    beside `path`."""
+    return path.with_name(path.name + ".stats.npz")
 
 
 @dataclass(frozen=True)
 class RefLogits:
     """Reference logits at the scored positions: (n_windows, scored, vocab) float32 in a file, and
-    beside it (`top_path`) each row's max and argmax, when `reference_logits` wrote them."""
+    beside it (`stats_path`) each row's max, argmax and sum of exps, when `reference_logits` wrote
+    them."""
 
     path: Path
     n_windows: int
@@ -65,19 +67,25 @@ class RefLogits:
         return torch.from_numpy(flat).view(b - a, self.vocab)
 
     @cached_property
-    def _top(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        p = top_path(self.path)
+    def _stats(self) -> RefStats | None:
+        p = stats_path(self.path)
         if not p.exists():
             return None
+        want = (self.n_windows, self.scored)
         with np.load(p) as z:
-            m, top = torch.from_numpy(z["max"]), torch.from_numpy(z["argmax"])
-        if m.shape != (self.n_windows, self.scored) or top.shape != m.shape:
-            raise ValueError(f"{p} holds {tuple(m.shape)} rows, not ({self.n_windows}, {self.scored}); delete it to rebuild")
-        return m, top
+            if set(z.files) != set(STATS):
+                raise ValueError(f"{p} holds {sorted(z.files)}, not {list(STATS)}; delete it to rebuild")
+            stats = tuple(torch.from_numpy(z[k]) for k in STATS)
+        if any(x.shape != want for x in stats):
+            raise ValueError(f"{p} holds {[tuple(x.shape) for x in stats]} rows, not {want}; delete it to rebuild")
+        return stats  # type: ignore[return-value]
 
-    def top(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Window i's per-row max and argmax, (scored,) each; None if they were not stored."""
-        return None if self._top is None else (self._top[0][i], self._top[1][i])
+    def stats(self, i: int) -> RefStats | None:
+        """Window i's per-row max, argmax and sum of exps, (scored,) each; None if not stored."""
+        return None if self._stats is None else tuple(x[i] for x in self._stats)  # type: ignore[return-value]
+
+
+STATS = ("max", "argmax", "expsum")  # the arrays of a stats file, in `RefStats` order
 
 
 # Rows (batch x context) per reference forward. At one 512-token window the embedded model's
@@ -106,15 +114,15 @@ def reference_logits(
     batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> RefLogits:
-    """Compute the reference's scored logits into `path`, and their rows' max and argmax beside
-    it (`top_path`), or reuse both if the sidecar JSON records the same `key` (model hash,
+    """Compute the reference's scored logits into `path`, and their rows' statistics beside it
+    (`stats_path`), or reuse both if the sidecar JSON records the same `key` (model hash,
     windows, protocol, dtype, device) and the logits' size is whole.
     The reference runs `batch_size` windows at a time (default `reference_batch`), into one
     logits buffer reused from batch to batch."""
     n, context = windows.shape
     batch_size = batch_size or reference_batch(context)
     meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists() and top_path(path).exists():
+    if path.exists() and meta_path.exists() and stats_path(path).exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key and path.stat().st_size == meta["bytes"]:
             if progress:
@@ -125,7 +133,7 @@ def reference_logits(
     fed = protocol.prepare(windows)
     vocab = 0
     buf = None  # (batch, C, V): the first batch's logits, then every batch's
-    tops: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: (scored,) max and argmax
+    stats: list[RefStats] = []  # per window: (scored,) each
     with open(tmp, "wb") as f:
         for s, e in _batches(n, batch_size):
             logits = ref.logits(fed[s:e], out=None if buf is None else buf[: e - s])
@@ -133,16 +141,14 @@ def reference_logits(
             sel = protocol.select(logits).float()  # (b, scored, V)
             vocab = sel.shape[-1]
             f.write(sel.contiguous().cpu().numpy().tobytes())
-            for w in sel:
-                parts = [_max_argmax(w[a:b]) for a, b in row_chunks(w.shape[0])]
-                tops.append(tuple(torch.cat(x).cpu() for x in zip(*parts)))
+            stats += [tuple(x.cpu() for x in reference_stats(w)) for w in sel]  # type: ignore[misc]
             if progress:
                 progress(e - s)
     size = tmp.stat().st_size
-    tmp_top = top_path(tmp)
-    with open(tmp_top, "wb") as f:
-        np.savez(f, max=torch.stack([m for m, _ in tops]).numpy(), argmax=torch.stack([t for _, t in tops]).numpy())
-    os.replace(tmp_top, top_path(path))
+    tmp_stats = stats_path(tmp)
+    with open(tmp_stats, "wb") as f:
+        np.savez(f, **{k: torch.stack([s[j] for s in stats]).numpy() for j, k in enumerate(STATS)})
+    os.replace(tmp_stats, stats_path(path))
     os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     meta = {"key": key, "bytes": size, "scored": protocol.scored_per_window, "vocab": vocab}
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
@@ -189,7 +195,7 @@ def evaluate_quality(
                 "a tokenizer that does not match the model"
             )
         for i in range(s, e):
-            parts.append(score_chunks(partial(ref.rows, i), sel[i - s], targets[i], ref.top(i)))
+            parts.append(score_chunks(partial(ref.rows, i), sel[i - s], targets[i], ref.stats(i)))
         if progress:
             progress(e - s)
     scores = TokenScores.cat(parts)

@@ -59,11 +59,17 @@ _OPTIONS = {
 _state = {"enabled": os.environ.get("QUANTBENCH_COMPILE", "1") != "0"}
 
 
-def fused(fn: Callable) -> Callable:
+def fused(fn: Callable, graphs: int | None = None) -> Callable:
     """Run `fn` compiled (dynamic shapes, one graph) when its first argument is a CPU tensor.
 
     A function that fails to compile (no C++ compiler, an op inductor cannot lower) warns once
     and runs eagerly from then on: the eager function is the same arithmetic.
+
+    Dynamo compiles a new graph when a guard fails (another thread count, inference tensors where
+    plain ones were, a size class its shapes were specialised on), and past its recompile limit
+    (8) that is a failure. `graphs` raises the limit for this function's calls: a function whose
+    compiled and eager results differ in rounding (the scoring kernel) must not change path in
+    the middle of a process.
 
     Dynamo keeps compiled graphs, and counts recompilations against its limit, per code object.
     Functions that a factory makes from one closure share theirs, and the legacy codecs' four
@@ -82,13 +88,16 @@ def fused(fn: Callable) -> Callable:
         if compiled is None:
             compiled = torch.compile(fn_copy, dynamic=True, fullgraph=True, options=_OPTIONS)
         try:
-            return compiled(*args)
+            if graphs is None:
+                return compiled(*args)
+            with torch._dynamo.config.patch(recompile_limit=graphs):
+                return compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly
             failed = True
             first = str(e).splitlines()[0] if str(e) else ""
             warnings.warn(
                 f"quantbench: torch.compile of {fn.__qualname__} failed ({type(e).__name__}: {first}); it runs "
-                "eagerly from now on (same bytes, slower). QUANTBENCH_COMPILE=0 skips compiling.",
+                "eagerly from now on (the same arithmetic, slower). QUANTBENCH_COMPILE=0 skips compiling.",
                 RuntimeWarning,
                 stacklevel=2,
             )
