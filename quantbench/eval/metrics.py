@@ -108,15 +108,16 @@ def _max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chunk_sums(ref: torch.Tensor, logits: torch.Tensor, m_ref: torch.Tensor, t: torch.Tensor):
-    """One pass over a chunk of (N, V) float32 reference and variant logits, with the reference's
-    row max `m_ref` (N,): the sums of exp(ref - m_ref) * (logits - ref), of exp(logits - m_ref)
-    and of (logits - ref)^2, the variant's block maxima, and both logits at the targets `t` (N, 1).
-    Compiled (`fused`), the three sums and the maxima are one loop nest over the rows' blocks
-    that reads each array once; no (N, V) intermediate is stored. The reference's own sum of
-    exps is not here: it is the reference's figure, this kernel's second sum with the reference as
-    the variant (`reference_stats`), stored with the reference's logits. Summed here as well, it
-    would be an exp used twice, which inductor stores to memory and reads back rather than fuse
-    (a third more time per chunk, measured)."""
+    """A chunk of (N, V) float32 reference and variant logits, with the reference's row max
+    `m_ref` (N,), reduced to: the sums of exp(ref - m_ref) * (logits - ref), of exp(logits -
+    m_ref) and of (logits - ref)^2, the variant's block maxima, and both logits at the targets
+    `t` (N, 1). Compiled (`fused`), the two sums of exps and the maxima are one loop nest over the
+    rows' blocks; inductor gives the squared differences a second loop (it merges that one's row
+    and block loops, which keeps it from fusing). No (N, V) intermediate is stored.
+    The reference's own sum of exps is not here: it is the reference's figure, this kernel's
+    second sum with the reference as the variant (`reference_stats`), stored with the reference's
+    logits. Summed here as well, it would be an exp used twice, which inductor stores to memory
+    and reads back rather than fuse (a third more time per chunk, measured)."""
 
     def terms(r, lg):
         m = m_ref.view(-1, *([1] * (r.dim() - 1)))
