@@ -91,7 +91,7 @@ STATS = ("max", "argmax", "expsum")  # the arrays of a stats file, in `RefStats`
 # Rows (batch x context) per reference forward. At one 512-token window the embedded model's
 # matmuls have 511 rows, and this host's BLAS ran its forward at 0.70 of the 2048^2 matmul's rate;
 # two windows at once (1,022 rows) ran at 0.78 (AMD EPYC, AVX2, 2 cores). Each window's logits are
-# bit-identical either way (tests/eval/test_quality.py).
+# bit-identical either way (tests/test_variant.py).
 BATCH_ROWS = 1024
 
 
