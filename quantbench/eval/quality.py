@@ -3,9 +3,9 @@
 The reference's logits at the scored positions are computed once and kept on disk, not in
 memory: the embedded model's vocabulary is 49,152 wide, about 200 KB a token in float32. Beside
 them go each scored row's max, argmax and sum of exps, the reference's own figures that every
-variant is scored against. Each variant then runs window by window, and each window's reference logits are
-mapped from the file a few rows at a time as the scoring goes: only the chunk being scored is
-mapped, so the file never counts in the process's resident set beyond one chunk.
+variant is scored against. Each variant then runs window by window, and each window's reference
+logits are mapped from the file a few rows at a time as the scoring goes: only the chunk being
+scored is mapped, so the file never counts in the process's resident set beyond one chunk.
 """
 
 from __future__ import annotations
