@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from quantbench.formats import QTensor, get_format, quantize_tensor
-from quantbench.formats.integer import IntConfig, group_view, pack_bits, scale_bits, unpack_bits
+from quantbench.formats.integer import (
+    IntConfig, centered_bounds, choose_qparams, dequantize_codes, group_view, pack_bits, quantize_centered,
+    quantize_codes, scale_bits, unpack_bits,
+)
 from quantbench.spec import SpecError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +81,25 @@ def test_requantizing_the_dequantized_weight_is_identity(dtype, device, data):
     again = quantize_tensor(get_format("int").dequantize(q), cfg)
     for name, t in q.tensors().items():
         assert torch.equal(again.tensors()[name], t), name
+
+
+@given(bits=st.integers(2, 8), sym=st.booleans(), data=st.data())
+@settings(max_examples=80, deadline=None)
+def test_centered_codes_are_the_codes_minus_zero(bits, sym, data):
+    """GPTQ's column loop uses `quantize_centered`: it must be `quantize_codes` minus the zero
+    exactly, and times the scale exactly `dequantize_codes`, for any weights and parameters,
+    including weights beyond the range the parameters were chosen from (GPTQ's error feedback
+    moves them there)."""
+    cfg = IntConfig(bits=bits, sym=sym, group=0)
+    rows, n = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 40))
+    finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+    w = torch.from_numpy(data.draw(arrays(np.float32, (rows, n), elements=finite)))
+    qp = choose_qparams(w, cfg)
+    x = w * data.draw(st.floats(0.5, 3.0))  # past the chosen range: clamped alike
+    codes = quantize_codes(x, qp, cfg)
+    centered = quantize_centered(x, qp.scale, centered_bounds(qp, cfg))
+    assert torch.equal(centered, codes - qp.zero)
+    assert torch.equal(centered * qp.scale, dequantize_codes(codes, qp))
 
 
 @given(bits=st.integers(2, 8), data=st.data())
