@@ -11,7 +11,8 @@ Three kinds of entry, each keyed by everything that made it:
                its latency (the variant key plus the windows, protocol and generation length)
 
 Latency is never cached: it is what a benchmark run measures. A warm run therefore loads the
-reference, reads every row and restores each variant only for its latency measurement.
+reference, reads every row and restores each variant only for its latency measurement. `row`
+serves a caller that wants only the figures (benchmarks/test_calibrated_quality.py).
 """
 
 from __future__ import annotations
@@ -111,3 +112,24 @@ def measure(session: Session, spec: MethodSpec, get_variant: Callable[[], tuple[
     stored["measure_seconds"] = time.perf_counter() - t
     cache.put_json("row", key, stored, label=f"{str(spec)} of {session.ref.info.source}")
     return {**stored, **{k: row[k] for k in LATENCY_KEYS}}, False
+
+
+def row(session: Session, spec: MethodSpec) -> tuple[dict, bool]:
+    """(the row of `spec`, came from the cache), for a caller that holds no variant: on a miss
+    the variant comes from the variant cache (or is built and stored there), is measured, and
+    is closed. A row read from the cache is added to the session's results, as a measured one is."""
+    built: list[Variant] = []
+
+    def get_variant() -> tuple[Variant, float]:
+        v, seconds, _ = variant(session, spec)
+        built.append(v)
+        return v, seconds
+
+    try:
+        got, hit = measure(session, spec, get_variant)
+    finally:
+        for v in built:
+            v.close()
+    if hit:
+        session.doc["results"].append(got)
+    return got, hit

@@ -194,3 +194,24 @@ def test_an_evaluation_edit_keeps_the_cached_variant_and_remeasures_the_row(tiny
     assert cached.row_key(session, spec) != first_row
     versions[cache.VARIANT_ROOTS] = "variant-2"  # a format changed
     assert cached.variant(session, spec)[2] is False
+
+
+def test_row_measures_once_then_reads_the_cache_and_closes_what_it_built(tiny_model_dirs, monkeypatch):
+    session = Session(RunConfig(model=tiny_model_dirs["gpt2"], tokens=128, context=32, calib_samples=0))
+    spec = parse_method("int:bits=4,group=16,sym=false")
+    closed = []
+    build = session.build
+
+    def build_and_watch(s):
+        v, seconds = build(s)
+        close = v.close
+        monkeypatch.setattr(v, "close", lambda: (closed.append(s), close()))
+        return v, seconds
+
+    monkeypatch.setattr(session, "build", build_and_watch)
+    first, hit = cached.row(session, spec)
+    assert not hit and closed == [spec] and cache.lookup("variant", cached.variant_key(session, spec)) is not None
+    monkeypatch.setattr(session, "build", lambda s: pytest.fail("a warm row must not build its variant"))
+    again, hit = cached.row(session, spec)
+    assert hit and again["kld_mean"] == first["kld_mean"] and again["weight_bytes"] == first["weight_bytes"]
+    assert [r["kld_mean"] for r in session.doc["results"]] == [first["kld_mean"]] * 2  # both in the session's doc
